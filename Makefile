@@ -1,0 +1,73 @@
+# Keel. A newcomer needs two commands (see README.md):
+#   make serve   set up, make the data set, train, export, and serve on http://127.0.0.1:3000
+#   make test    set up, then run the test suite (this is what CI runs)
+# Every step reuses what already exists, so later runs start in seconds.
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.keel-installed
+REQUIREMENTS := requirements/serve.txt requirements/train.txt requirements/dev.txt requirements/constraints.txt
+
+DATA ?= data/shapes
+RUN ?= runs/quickstart
+MODEL ?= artifacts/model.onnx
+MODEL_NAME ?= keel-classifier
+ARCH ?= alexnet_bn
+# Small enough to train in about a minute on a 2-core laptop, good enough to be right (see README).
+TRAIN_ARGS ?= --image-size 64 --resize 64 --width 0.5 --epochs 8 --batch-size 32 --optimizer adamw --lr 0.002 --weight-decay 0.05
+HOST ?= 127.0.0.1
+PORT ?= 3000
+SAMPLE_IMAGE := $(DATA)/test/star/00000.png
+# The BentoML model store and built Bentos live inside the clone, not in ~/bentoml.
+export BENTOML_HOME ?= $(CURDIR)/.bentoml
+export BENTOML_DO_NOT_TRACK := True
+
+.PHONY: setup data train model serve test bento lock clean
+
+setup: $(STAMP)
+
+$(STAMP): $(REQUIREMENTS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements/serve.txt -r requirements/train.txt -r requirements/dev.txt \
+		-c requirements/constraints.txt
+	@touch $@
+
+data: $(DATA)/dataset.json
+$(DATA)/dataset.json: | $(STAMP)
+	$(PY) -m training.shapes --out $(DATA)
+
+train: $(RUN)/best.pt
+$(RUN)/best.pt: | $(DATA)/dataset.json
+	$(PY) -m training --arch $(ARCH) --data $(DATA) --out $(RUN) $(TRAIN_ARGS)
+
+model: $(MODEL)
+$(MODEL): | $(RUN)/best.pt
+	$(PY) -m export $(RUN)/best.pt --out $(MODEL) --name $(MODEL_NAME)
+
+serve: $(MODEL)
+	@KEEL_MODEL=$(MODEL) $(BIN)/bentoml serve service.service:Classifier --host $(HOST) --port $(PORT) & server=$$!; \
+	trap 'kill $$server 2>/dev/null; wait $$server' INT TERM EXIT; \
+	until curl -sf http://$(HOST):$(PORT)/readyz >/dev/null; do \
+		kill -0 $$server 2>/dev/null || exit 1; sleep 0.5; \
+	done; \
+	echo; echo "Keel is serving $(MODEL) on http://$(HOST):$(PORT). Try:"; \
+	echo "  curl -F image=@$(SAMPLE_IMAGE) http://$(HOST):$(PORT)/classify"; echo; \
+	wait $$server
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+# A Bento (service code + the model from the store), the input to `bentoml containerize`.
+bento: $(MODEL)
+	$(PY) -m export $(RUN)/best.pt --out $(MODEL) --name $(MODEL_NAME) --bentoml $(MODEL_NAME)
+	$(BIN)/bentoml build
+
+# Refresh the pins of everything the direct requirements pull in (torch is pinned in train.txt).
+lock: $(STAMP)
+	$(PY) -m pip freeze --exclude torch --exclude keel > requirements/constraints.txt
+
+clean:
+	rm -rf $(DATA) runs artifacts .bentoml
