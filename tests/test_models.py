@@ -1,0 +1,190 @@
+"""Architectures and registry: exact parameter counts, output shapes, aux-head contract, gradients."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from training.models import MODELS, build_model, count_parameters
+from training.models import alexnet as alexnet_module
+from training.models import inception_v1 as inception_module
+from training.models.alexnet import alexnet, alexnet_bn
+from training.models.inception_v1 import inception_v1_bn
+from training.models.layers import ConvBNReLU, scaled
+
+SMALL = 0.25  # width for every test that runs a forward pass, to keep the file fast
+NUM_CLASSES = 10
+
+
+def meta_params(builder, **kwargs) -> int:
+    """Parameter count without allocating or initialising weights."""
+    with torch.device("meta"):
+        return count_parameters(builder(**kwargs))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These tensors are tiny: intra-op threads cost more than they save, and when other processes
+    # load the CPU, OpenMP's spin-waits make each op ~100x slower (seconds per test, not ms).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- parameter counts -------------------------------------------------------------------------
+
+
+def test_alexnet_matches_torchvision_parameter_count():
+    assert meta_params(alexnet, num_classes=1000) == 61_100_840
+
+
+def test_alexnet_bn_parameter_count():
+    # Five convs lose their biases (1152 values) and gain BN weight + bias (2 x 1152).
+    assert meta_params(alexnet_bn, num_classes=1000) == 61_100_840 + 1152
+
+
+def test_inception_v1_bn_matches_torchvision_googlenet_parameter_count():
+    assert meta_params(inception_v1_bn, num_classes=1000) == 6_624_904
+    # torchvision's googlenet(aux_logits=True, init_weights=True)
+    assert meta_params(inception_v1_bn, num_classes=1000, aux_logits=True) == 13_004_888
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_smaller_width_has_fewer_parameters(arch):
+    full = meta_params(MODELS[arch], num_classes=NUM_CLASSES, width=1.0)
+    half = meta_params(MODELS[arch], num_classes=NUM_CLASSES, width=0.5)
+    quarter = meta_params(MODELS[arch], num_classes=NUM_CLASSES, width=SMALL)
+    assert quarter < half < full
+
+
+def test_scaled():
+    assert scaled(64, 1.0) == 64
+    assert scaled(64, 0.5) == 32
+    assert scaled(16, 0.25) == 8  # floor of 8 channels
+    with pytest.raises(ValueError):
+        scaled(64, 0.0)
+
+
+# --- shapes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["alexnet", "alexnet_bn"])
+def test_alexnet_output_shape(arch):
+    model = build_model(arch, NUM_CLASSES, width=SMALL).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("size", [32, 64, 224])
+def test_inception_output_shape(size):
+    model = build_model("inception_v1_bn", NUM_CLASSES, width=SMALL).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, size, size)).shape == (2, NUM_CLASSES)
+
+
+@pytest.mark.parametrize(
+    "module, arch", [(alexnet_module, "alexnet"), (inception_module, "inception_v1_bn")], ids=["alexnet", "inception"]
+)
+def test_min_input_size_is_exact(module, arch):
+    model = build_model(arch, NUM_CLASSES, width=SMALL).eval()
+    size = module.MIN_INPUT_SIZE
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, size, size)).shape == (1, NUM_CLASSES)
+        with pytest.raises(RuntimeError):
+            model(torch.randn(1, 3, size - 1, size - 1))
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+def test_registry_has_the_published_names():
+    assert {"alexnet", "alexnet_bn", "inception_v1_bn"} <= set(MODELS)
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_registry_builds_every_name(arch):
+    model = build_model(arch, NUM_CLASSES, width=SMALL)
+    assert isinstance(model, nn.Module)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, NUM_CLASSES)
+
+
+def test_registry_rejects_unknown_names():
+    message = f"unknown arch 'x'; known: {', '.join(sorted(MODELS))}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        build_model("x", NUM_CLASSES)
+
+
+def test_build_model_initialises_weights():
+    model = build_model("alexnet_bn", NUM_CLASSES, width=SMALL)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert torch.all(module.weight == 1) and torch.all(module.bias == 0)
+        elif isinstance(module, nn.Linear):
+            assert torch.all(module.bias == 0)
+            assert abs(module.weight.std().item() - 0.01) < 0.002
+
+
+# --- layers and structure ---------------------------------------------------------------------
+
+
+def test_alexnet_bn_has_batch_norm_and_alexnet_has_none():
+    def batch_norms(model):
+        return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+    assert batch_norms(alexnet(NUM_CLASSES, width=SMALL)) == 0
+    assert batch_norms(alexnet_bn(NUM_CLASSES, width=SMALL)) == 5
+
+
+def test_conv_bias_only_without_batch_norm():
+    assert ConvBNReLU(3, 8, 3, batch_norm=False)[0].bias is not None
+    block = ConvBNReLU(3, 8, 3, bn_eps=0.001)
+    assert block[0].bias is None and block[1].eps == 0.001
+
+
+# --- Inception auxiliary heads ----------------------------------------------------------------
+
+
+def test_inception_aux_heads_only_in_training_mode():
+    model = build_model("inception_v1_bn", NUM_CLASSES, width=SMALL, aux_logits=True)
+    x = torch.randn(2, 3, 64, 64)
+    outputs = model.train()(x)
+    assert isinstance(outputs, tuple) and len(outputs) == 3
+    assert all(out.shape == (2, NUM_CLASSES) for out in outputs)
+    with torch.no_grad():
+        logits = model.eval()(x)
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, NUM_CLASSES)
+
+
+def test_inception_without_aux_returns_tensor_in_training_mode():
+    model = build_model("inception_v1_bn", NUM_CLASSES, width=SMALL).train()
+    logits = model(torch.randn(2, 3, 64, 64))
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, NUM_CLASSES)
+
+
+# --- gradients --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arch, model_args",
+    [("alexnet", {}), ("alexnet_bn", {}), ("inception_v1_bn", {"aux_logits": True})],
+    ids=["alexnet", "alexnet_bn", "inception_v1_bn_aux"],
+)
+def test_backward_gives_finite_gradients_everywhere(arch, model_args):
+    model = build_model(arch, NUM_CLASSES, width=SMALL, **model_args).train()
+    outputs = model(torch.randn(2, 3, 64, 64))
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    targets = torch.tensor([0, 1])
+    sum(nn.functional.cross_entropy(out, targets) for out in outputs).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
