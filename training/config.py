@@ -1,0 +1,51 @@
+"""The training stage's one configuration object; the resolved copy is saved in every run directory."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str  # ImageFolder root holding train/ and val/ (test/ is evaluated at the end when present)
+    out: str  # run directory: checkpoints, metrics.jsonl, config.json, plots
+    arch: str = "alexnet_bn"  # a name from training.models.MODELS
+    width: float = 1.0  # channel multiplier; 1.0 is the published architecture
+    image_size: int = 224  # model input side (the centre crop)
+    resize: int = 0  # shorter side before the crop; 0 means image_size / 0.875, as for ImageNet
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet RGB statistics
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    epochs: int = 30
+    batch_size: int = 64
+    optimizer: str = "sgd"  # "sgd" (Nesterov momentum) or "adamw"
+    lr: float = 0.05  # peak learning rate, reached after the warmup
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 5e-4  # never applied to batch-norm parameters or biases
+    warmup_epochs: float = 1.0  # linear warmup, then cosine decay to zero
+    label_smoothing: float = 0.1
+    clip_grad_norm: float = 2.0  # max global L2 norm of all gradients; 0 turns clipping off
+    aux_weight: float = 0.3  # weight of auxiliary-head losses (Inception with aux heads)
+    min_crop_scale: float = 0.5  # random-resized-crop keeps at least this fraction of the area
+    workers: int = 2  # data-loading processes; 0 loads in the training process
+    seed: int = 0
+    device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
+    model_args: dict = field(default_factory=dict)  # extra builder arguments, e.g. {"aux_logits": True}
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', not {self.optimizer!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
+        if self.resize and self.resize < self.image_size:
+            raise ValueError(f"resize ({self.resize}) must be at least image_size ({self.image_size})")
+
+    @property
+    def resize_to(self) -> int:
+        return self.resize or round(self.image_size / 0.875)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

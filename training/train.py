@@ -1,0 +1,190 @@
+"""The training loop: read it top to bottom.
+
+Each step: forward, loss, backward, global-norm clipping, a non-finite guard, optimizer step.
+Each epoch: validation, `last.pt` always, `best.pt` when validation accuracy improves, one line
+of `metrics.jsonl`. At the end: test-split accuracy (when the data has a test split) and a plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from service.preprocessing import PreprocessSpec
+from training.checkpoint import checkpoint_payload, load_checkpoint, model_from_checkpoint, save_checkpoint
+from training.config import TrainConfig
+from training.data import ImageFolder, find_classes
+from training.models import build_model
+
+
+def train(config: TrainConfig) -> dict:
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    (out / "metrics.jsonl").write_text("")  # a new run replaces the previous run's log
+
+    data = Path(config.data)
+    classes = find_classes(data / "train")
+    spec = PreprocessSpec(resize=config.resize_to, crop=config.image_size, mean=config.mean, std=config.std)
+    train_loader = make_loader(ImageFolder(data / "train", classes, spec, True, config.min_crop_scale), config, True)
+    val_loader = make_loader(ImageFolder(data / "val", classes, spec, False), config, False)
+
+    model_args = {"num_classes": len(classes), "width": config.width, **config.model_args}
+    model = build_model(config.arch, **model_args).to(device)
+    optimizer = make_optimizer(model, config)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    total_steps = config.epochs * len(train_loader)
+    warmup_steps = round(config.warmup_epochs * len(train_loader))
+    print(f"training {config.arch} (width {config.width}) on {len(train_loader.dataset)} images, "
+          f"{len(classes)} classes, {config.epochs} epochs, device {device}", file=sys.stderr)
+
+    step, skipped, best_acc, history = 0, 0, -1.0, []
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        started, loss_sum, norm_sum, clipped, seen = time.perf_counter(), 0.0, 0.0, 0, 0
+        for images, targets in train_loader:
+            images, targets = images.to(device), targets.to(device)
+            lr = learning_rate(step, total_steps, warmup_steps, config.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step += 1
+
+            outputs = model(images)
+            loss = training_loss(outputs, targets, criterion, config.aux_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # Clip by the global L2 norm of all gradients; the norm is measured before clipping.
+            max_norm = config.clip_grad_norm if config.clip_grad_norm > 0 else math.inf
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            # Non-finite guard: a NaN/inf loss or gradient would poison the weights and the
+            # momentum buffers for good, so that step is skipped and counted instead.
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                skipped += 1
+                print(f"  step {step}: non-finite loss or gradient, step skipped", file=sys.stderr)
+                continue
+            optimizer.step()
+
+            clipped += int(grad_norm.item() > max_norm)
+            norm_sum += grad_norm.item()
+            loss_sum += loss.item() * len(targets)
+            seen += len(targets)
+
+        val = evaluate(model, val_loader, device)
+        record = {
+            "epoch": epoch, "step": step, "lr": lr, "train_loss": loss_sum / max(seen, 1),
+            "val_loss": val["loss"], "val_acc": val["acc"], "mean_grad_norm": norm_sum / max(len(train_loader), 1),
+            "clip_rate": clipped / max(len(train_loader), 1),
+            "skipped_steps": skipped, "seconds": round(time.perf_counter() - started, 2),
+        }
+        history.append(record)
+        with open(out / "metrics.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
+        print(f"epoch {epoch}/{config.epochs}  loss {record['train_loss']:.3f}  val_loss {val['loss']:.3f}  "
+              f"val_acc {val['acc']:.3f}  grad_norm {record['mean_grad_norm']:.2f}  clipped {record['clip_rate']:.0%}  {record['seconds']}s", file=sys.stderr)
+
+        payload = checkpoint_payload(
+            model, arch=config.arch, model_args=model_args, labels=classes, preprocessing=spec.to_dict(),
+            config=config.to_dict(), metrics=record, epoch=epoch, optimizer=optimizer.state_dict(),
+        )
+        save_checkpoint(out / "last.pt", payload)
+        if val["acc"] > best_acc:
+            best_acc = val["acc"]
+            save_checkpoint(out / "best.pt", payload)
+
+    summary = {"best_val_acc": best_acc, "epochs": config.epochs, "skipped_steps": skipped}
+    if (data / "test").is_dir():
+        summary["test_acc"] = evaluate_checkpoint_on(out / "best.pt", data / "test", classes, spec, config, device)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_history(history, out / "training.png")
+    print(f"done: best val_acc {best_acc:.3f}" + (f", test_acc {summary['test_acc']:.3f}" if "test_acc" in summary else "")
+          + f"; checkpoints in {out}", file=sys.stderr)
+    return summary
+
+
+def training_loss(outputs, targets, criterion, aux_weight: float) -> torch.Tensor:
+    """Cross-entropy on the logits, plus weighted auxiliary-head losses when the model returns them."""
+    if isinstance(outputs, tuple):
+        logits, *aux = outputs
+        return criterion(logits, targets) + aux_weight * sum(criterion(a, targets) for a in aux)
+    return criterion(outputs, targets)
+
+
+def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
+    """Linear warmup to `peak`, then cosine decay to zero."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    # Weight decay on BN scales/shifts and biases only shrinks them toward a worse fit: exclude them.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device) -> dict:
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
+        logits = model(images)
+        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        correct += (logits.argmax(1) == targets).sum().item()
+        count += len(targets)
+    return {"loss": loss_sum / count, "acc": correct / count}
+
+
+def evaluate_checkpoint_on(checkpoint_path, split_dir, classes, spec, config, device) -> float:
+    model = model_from_checkpoint(load_checkpoint(checkpoint_path)).to(device)
+    return evaluate(model, make_loader(ImageFolder(split_dir, classes, spec, False), config, False), device)["acc"]
+
+
+def make_loader(dataset, config: TrainConfig, shuffle: bool) -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(config.seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) > config.batch_size,
+        num_workers=config.workers, persistent_workers=config.workers > 0, generator=generator,
+    )
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    left.plot(epochs, [r["train_loss"] for r in history], label="train loss")
+    left.plot(epochs, [r["val_loss"] for r in history], label="val loss")
+    left.set_xlabel("epoch")
+    left.legend()
+    right.plot(epochs, [r["val_acc"] for r in history], label="val accuracy", color="tab:green")
+    right.set_ylim(0, 1)
+    right.set_xlabel("epoch")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
