@@ -1,0 +1,42 @@
+"""A dependency-free progress line for long jobs: count, rate and ETA, redrawn at most 5 times a second."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    def __init__(self, total: int, label: str, stream=None, unit: str = "images"):
+        self.total, self.label, self.unit = total, label, unit
+        self.stream = stream or sys.stderr
+        self.done = self.drawn = 0
+        self.started = self.last_draw = time.perf_counter()
+
+    def update(self, count: int = 1) -> None:
+        self.done += count
+        now = time.perf_counter()
+        if now - self.last_draw >= 0.2 or self.done >= self.total:
+            self.last_draw = now
+            self.draw(now)
+
+    def draw(self, now: float) -> None:
+        self.drawn = self.done
+        elapsed = max(now - self.started, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        width = 24
+        filled = int(width * self.done / self.total) if self.total else width
+        bar = "#" * filled + "-" * (width - filled)
+        eta_text = f"{eta:4.0f}s" if eta != float("inf") else "   ?"
+        self.stream.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {self.unit}  {rate:6.1f}/s  ETA {eta_text}")
+        self.stream.flush()
+
+    def close(self) -> float:
+        """Finish the line; returns the elapsed seconds."""
+        elapsed = time.perf_counter() - self.started
+        if self.drawn != self.done or not self.total:
+            self.draw(time.perf_counter())
+        self.stream.write("\n")
+        self.stream.flush()
+        return elapsed
