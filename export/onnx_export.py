@@ -10,8 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,11 +75,19 @@ def export_graph(model: nn.Module, spec: PreprocessSpec, path: Path, opset: int 
     """Trace `softmax(model(x))` with a dynamic batch dimension and write a checked ONNX file."""
     wrapped = nn.Sequential(model, nn.Softmax(dim=1)).eval()
     example = torch.zeros(2, 3, spec.crop, spec.crop)
-    torch.onnx.export(
-        wrapped, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-        opset_version=opset, dynamo=True, external_data=False,
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-    )
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # "torchvision is not installed" notices are noise for us
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(
+                wrapped, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                opset_version=opset, dynamo=True, external_data=False, verbose=False,
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+            )
+    finally:
+        exporter_log.setLevel(level)
     onnx.checker.check_model(str(path), full_check=True)
 
 

@@ -35,13 +35,16 @@ from service.preprocessing import ImageDecodeError, preprocess_bytes
 from service.uploads import UploadError, read_image
 
 CONFIG = ServiceConfig.from_env()
+# Resolved at import, which `bentoml serve` does before starting any worker: a missing model is
+# one clear error and a non-zero exit, not workers that fail and get respawned forever.
+MODEL_PATH = resolve_model(CONFIG.model)
 log = logging.getLogger("bentoml.keel")  # BentoML's server logging shows its own hierarchy at INFO
 
 
 @bentoml.service(name="keel-engine", traffic={"timeout": 60})
 class InferenceEngine:
     def __init__(self) -> None:
-        self.classifier = OnnxClassifier(resolve_model(CONFIG.model), CONFIG.device)
+        self.classifier = OnnxClassifier(MODEL_PATH, CONFIG.device)
         info = self.classifier.info
         log.info("serving model %s version %s from %s on %s", info.name, info.version, self.classifier.path,
                  self.classifier.provider)
@@ -78,7 +81,7 @@ class Classifier:
     def __init__(self) -> None:
         # Labels and preprocessing come from the model file itself, read once per worker.
         # (The session here only reads metadata; the engine holds the one that runs.)
-        self.info = OnnxClassifier(resolve_model(CONFIG.model), device="cpu").info
+        self.info = OnnxClassifier(MODEL_PATH, device="cpu").info
 
     async def classify(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
@@ -96,7 +99,11 @@ class Classifier:
         except ImageDecodeError as exc:
             return error(str(exc))
         preprocessed = time.perf_counter()
-        probabilities = await self.engine.to_async.infer(tensor[None])
+        try:
+            probabilities = await self.engine.to_async.infer(tensor[None])
+        except Exception as exc:  # overloaded, timed out or restarting: the client may retry
+            log.warning("inference failed: %s", exc)
+            return error(f"inference engine unavailable, retry later ({type(exc).__name__})", 503)
         done = time.perf_counter()
         return JSONResponse({
             "model": self.info.name,

@@ -46,7 +46,7 @@ MIN_STROKE_CONTRAST = 70.0  # so a stroke is never mistaken for part of the shap
 @dataclass(frozen=True)
 class ShapesConfig:
     size: int = 64  # image side in pixels
-    train_per_class: int = 200
+    train_per_class: int = 500  # a from-scratch CNN needs ~1000 steps of 64 to learn shapes
     val_per_class: int = 50
     test_per_class: int = 50
     seed: int = 0  # same seed, same pixels

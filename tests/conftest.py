@@ -1,0 +1,120 @@
+"""Session fixtures: one tiny data set, one real training run, one real export, shared by the suite.
+
+Everything is made here, in temporary folders: no test downloads anything or needs a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The quick-start recipe (Makefile TRAIN_ARGS) at test size: about a minute on 2 cores.
+TINY_TRAINING = dict(arch="alexnet_bn", width=0.25, model_args={"dropout": 0.0}, image_size=64, resize=64,
+                     epochs=10, batch_size=64, optimizer="adamw", lr=0.003, weight_decay=0.05, label_smoothing=0.0,
+                     min_crop_scale=0.8, workers=0, seed=0)
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> Path:
+    from training.shapes import ShapesConfig, generate_dataset
+
+    root = tmp_path_factory.mktemp("data") / "shapes"
+    return generate_dataset(root, ShapesConfig(size=64, train_per_class=500, val_per_class=20, test_per_class=20), progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained_run(shapes_data, tmp_path_factory) -> Path:
+    from training.config import TrainConfig
+    from training.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(data=str(shapes_data), out=str(out), **TINY_TRAINING))
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported_model(trained_run, tmp_path_factory) -> Path:
+    from export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("model") / "model.onnx"
+    export_checkpoint(trained_run / "best.pt", out, name="keel-test", log=lambda message: None)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_python(*args: str, env: dict | None = None, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python ARGS` from the repository root, as a user would from the README."""
+    return subprocess.run([sys.executable, *args], cwd=REPO, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+class Server:
+    """A real `bentoml serve` process on 127.0.0.1:<free port>, always stopped."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        bentoml = str(Path(sys.executable).with_name("bentoml"))
+        self.process = subprocess.Popen(
+            [bentoml, "serve", "service.service:Classifier", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=REPO, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()[-5000:]
+
+    def stop(self) -> int:
+        import signal
+
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self.log.close()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def server(exported_model, tmp_path_factory):
+    home = tmp_path_factory.mktemp("bentoml")
+    srv = Server({"KEEL_MODEL": str(exported_model), "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"},
+                 home / "server.log")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()

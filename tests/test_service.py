@@ -1,0 +1,114 @@
+"""The service as users meet it: a real `bentoml serve` process, over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.preprocessing import find_images
+from tests.test_training import REQUIRED_TEST_ACCURACY
+from tests.conftest import Server
+
+
+def post(url: str, body: bytes, content_type: str, timeout: float = 30) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def classify_file(url: str, data: bytes, query: str = "") -> tuple[int, dict]:
+    return post(f"{url}/classify{query}", *multipart("image", "upload.png", data))
+
+
+def test_classifies_generated_test_images_correctly(server, shapes_data):
+    images = find_images(shapes_data / "test")[::4]  # 50 images, every class
+    correct = 0
+    for path in images:
+        status, answer = classify_file(server.url, path.read_bytes())
+        assert status == 200, answer
+        assert answer["model"] == "keel-test" and len(answer["predictions"]) == 5
+        scores = [p["score"] for p in answer["predictions"]]
+        assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
+        correct += answer["predictions"][0]["label"] == path.parent.name
+    assert correct / len(images) >= REQUIRED_TEST_ACCURACY
+
+
+def test_raw_image_body_and_top_k(server, shapes_data):
+    path = find_images(shapes_data / "test")[0]
+    status, answer = post(f"{server.url}/classify?top_k=2", path.read_bytes(), "image/png")
+    assert status == 200 and len(answer["predictions"]) == 2
+    assert set(answer["timing_ms"]) == {"preprocess", "inference", "total"}
+    # the same image the multipart way gets the same answer
+    _, again = classify_file(server.url, path.read_bytes(), "?top_k=2")
+    assert again["predictions"] == answer["predictions"]
+
+
+@pytest.mark.parametrize("body, content_type, status, message", [
+    (b"", "image/png", 400, "empty upload"),
+    (b"this is not an image", "image/jpeg", 400, "not a recognised image format"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10", "image/png", 400, "image"),
+    (b"{}", "application/json", 415, "unsupported content type"),
+])
+def test_bad_uploads_get_a_4xx_json_error(server, body, content_type, status, message):
+    code, answer = post(f"{server.url}/classify", body, content_type)
+    assert code == status and message in answer["error"]
+
+
+def test_bad_multipart_and_parameters_get_a_4xx_json_error(server, shapes_data):
+    data = find_images(shapes_data / "test")[0].read_bytes()
+    code, answer = post(f"{server.url}/classify", *multipart("picture", "x.png", data))
+    assert code == 400 and "'image'" in answer["error"]
+    code, answer = classify_file(server.url, data, "?top_k=zero")
+    assert code == 400 and "top_k" in answer["error"]
+    code, answer = classify_file(server.url, b"garbage")
+    assert code == 400 and "not a recognised image format" in answer["error"]
+    # and the worker is still alive afterwards
+    assert classify_file(server.url, data)[0] == 200
+
+
+def test_concurrent_requests_are_all_answered_correctly(server, shapes_data):
+    """Requests batched together get the answers they get alone (up to float noise between batch sizes)."""
+    paths = find_images(shapes_data / "test")[::10]
+    alone = {path: classify_file(server.url, path.read_bytes())[1]["predictions"] for path in paths}
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda p: (p, classify_file(server.url, p.read_bytes())), paths * 4))
+    for path, (status, answer) in answers:
+        assert status == 200, answer
+        expected = {p["label"]: p["score"] for p in alone[path]}
+        for prediction in answer["predictions"]:
+            assert abs(prediction["score"] - expected.get(prediction["label"], -1)) < 1e-4, (path, answer, alone[path])
+
+
+def test_metadata_describes_model_and_provider(server):
+    with urllib.request.urlopen(f"{server.url}/metadata", timeout=10) as response:
+        meta = json.loads(response.read())
+    assert meta["name"] == "keel-test" and len(meta["labels"]) == 10
+    assert meta["input_size"] == [64, 64] and meta["preprocessing"]["layout"] == "NCHW"
+    assert meta["provider"] == "CPUExecutionProvider"  # no GPU here
+    assert meta["batching"]["max_batch_size"] >= 1
+
+
+def test_missing_model_fails_at_start_with_a_clear_message(tmp_path):
+    missing = tmp_path / "nope.onnx"
+    server = Server({"KEEL_MODEL": str(missing), "BENTOML_HOME": str(tmp_path)}, tmp_path / "server.log")
+    try:
+        with pytest.raises(RuntimeError) as error:
+            server.wait_ready(timeout=90)
+    finally:
+        server.stop()
+    assert f"{missing}: no such model file" in str(error.value)

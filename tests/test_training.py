@@ -1,0 +1,120 @@
+"""A real (tiny) training run: it learns, and what it writes is complete and safe to load."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.conftest import run_python
+from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from training.train import learning_rate
+
+# TINY_TRAINING (conftest), 10 epochs on 500 images per class, measured 0.6-0.7 test accuracy;
+# chance is 0.1 and a linear model on the pixels reaches ~0.13 (tests/test_shapes.py).
+REQUIRED_TEST_ACCURACY = 0.5
+
+
+def test_tiny_run_learns_the_shapes(trained_run):
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["test_acc"] >= REQUIRED_TEST_ACCURACY, summary
+    assert summary["skipped_steps"] == 0
+
+
+def test_run_directory_holds_everything(trained_run):
+    for name in ("best.pt", "last.pt", "config.json", "metrics.jsonl", "summary.json", "training.png"):
+        assert (trained_run / name).is_file(), name
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))
+    assert all(math.isfinite(r["train_loss"]) and 0 <= r["clip_rate"] <= 1 for r in records)
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+
+
+def test_checkpoint_is_self_describing(trained_run, shapes_data):
+    checkpoint = load_checkpoint(trained_run / "best.pt")
+    assert checkpoint["arch"] == "alexnet_bn"
+    assert checkpoint["model_args"] == {"num_classes": 10, "width": 0.25, "dropout": 0.0}
+    assert checkpoint["labels"] == sorted(p.name for p in (shapes_data / "train").iterdir())
+    assert checkpoint["preprocessing"]["crop"] == 64
+    assert checkpoint["config"]["clip_grad_norm"] > 0
+    assert 0 <= checkpoint["metrics"]["val_acc"] <= 1
+    # rebuilt from the checkpoint alone, the model gives the logits the training run evaluated
+    model = model_from_checkpoint(checkpoint)
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_best_checkpoint_has_the_best_validation_accuracy(trained_run):
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert load_checkpoint(trained_run / "best.pt")["metrics"]["val_acc"] == max(r["val_acc"] for r in records)
+    assert load_checkpoint(trained_run / "last.pt")["epoch"] == len(records)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such checkpoint file"),
+    (b"", "not a readable checkpoint"),
+    (b"\x80\x04garbage", "not a readable checkpoint"),
+])
+def test_bad_checkpoints_are_refused_with_their_path(tmp_path, content, message):
+    path = tmp_path / "broken.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_checkpoint(path)
+    assert str(path) in str(error.value)
+
+
+def test_truncated_and_foreign_checkpoints_are_refused(tmp_path, trained_run):
+    data = (trained_run / "best.pt").read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated.pt: not a readable checkpoint"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a Keel checkpoint"):
+        load_checkpoint(foreign)
+
+
+def test_checkpoints_never_execute_code_when_loaded(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "keel-checkpoint/1", "payload": Payload()}, path)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, trained_run):
+    """A failing write leaves the previous file intact and no temporary file behind."""
+    target = tmp_path / "last.pt"
+    good = load_checkpoint(trained_run / "last.pt")
+    save_checkpoint(target, good)
+    before = target.read_bytes()
+    with pytest.raises(Exception):
+        save_checkpoint(target, {**good, "unpicklable": lambda: None})
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    lrs = [learning_rate(step, total_steps=100, warmup_steps=10, peak=0.1) for step in range(100)]
+    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] < 0.001
+
+
+def test_cli_trains_inception_and_reports_bad_data(shapes_data, tmp_path):
+    result = run_python("-m", "training", "--arch", "inception_v1_bn", "--data", str(shapes_data),
+                        "--out", str(tmp_path / "run"), "--width", "0.125", "--image-size", "64", "--resize", "64",
+                        "--epochs", "1", "--batch-size", "64", "--workers", "0", "--model-args", '{"aux_logits": true}')
+    assert result.returncode == 0, result.stderr
+    assert "epoch 1/1" in result.stderr
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert checkpoint["arch"] == "inception_v1_bn" and checkpoint["model_args"]["aux_logits"] is True
+
+    missing = run_python("-m", "training", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
+    assert missing.returncode == 2 and "nowhere" in missing.stderr
