@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 
+import aiohttp  # BentoML's transport between services
 import bentoml
 import numpy as np
 from starlette.applications import Starlette
@@ -38,7 +39,8 @@ CONFIG = ServiceConfig.from_env()
 # Resolved at import, which `bentoml serve` does before starting any worker: a missing model is
 # one clear error and a non-zero exit, not workers that fail and get respawned forever.
 MODEL_PATH = resolve_model(CONFIG.model)
-log = logging.getLogger("bentoml.keel")  # BentoML's server logging shows its own hierarchy at INFO
+log = logging.getLogger("bentoml.keel")
+ENGINE_ATTEMPTS = 3  # BentoML's server logging shows its own hierarchy at INFO
 
 
 @bentoml.service(name="keel-engine", traffic={"timeout": 60})
@@ -100,9 +102,9 @@ class Classifier:
             return error(str(exc))
         preprocessed = time.perf_counter()
         try:
-            probabilities = await self.engine.to_async.infer(tensor[None])
+            probabilities = await self.infer(tensor[None])
         except Exception as exc:  # overloaded, timed out or restarting: the client may retry
-            log.warning("inference failed: %s", exc)
+            log.warning("inference failed: %r", exc)
             return error(f"inference engine unavailable, retry later ({type(exc).__name__})", 503)
         done = time.perf_counter()
         return JSONResponse({
@@ -112,6 +114,17 @@ class Classifier:
             "timing_ms": {"preprocess": ms(started, preprocessed), "inference": ms(preprocessed, done),
                           "total": ms(started, done)},
         })
+
+    async def infer(self, batch: np.ndarray) -> np.ndarray:
+        # BentoML's client to the engine pools keep-alive connections, and under bursts a pooled
+        # connection is sometimes already being closed by the engine ("Server disconnected");
+        # inference is idempotent, so such a request is sent again on a fresh connection.
+        for attempt in range(ENGINE_ATTEMPTS):
+            try:
+                return await self.engine.to_async.infer(batch)
+            except aiohttp.ClientConnectionError:
+                if attempt == ENGINE_ATTEMPTS - 1:
+                    raise
 
     async def metadata(self) -> JSONResponse:
         return JSONResponse({

@@ -92,6 +92,18 @@ def test_concurrent_requests_are_all_answered_correctly(server, shapes_data):
         expected = {p["label"]: p["score"] for p in alone[path]}
         for prediction in answer["predictions"]:
             assert abs(prediction["score"] - expected.get(prediction["label"], -1)) < 1e-4, (path, answer, alone[path])
+    # and they really were batched: BentoML's histogram of formed batch sizes has a batch above 1
+    images, batches = batch_size_totals(server.url)
+    assert images > batches, (images, batches)
+
+
+def batch_size_totals(url: str) -> tuple[float, float]:
+    """(images, batches) the engine's adaptive batcher has sent to ONNX Runtime so far."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    total = lambda suffix: sum(float(line.rsplit(" ", 1)[1]) for line in lines  # noqa: E731
+                               if line.startswith(f"bentoml_service_adaptive_batch_size_{suffix}{{"))
+    return total("sum"), total("count")
 
 
 def test_metadata_describes_model_and_provider(server):
