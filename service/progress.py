@@ -32,6 +32,11 @@ class Progress:
         self.stream.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {self.unit}  {rate:6.1f}/s  ETA {eta_text}")
         self.stream.flush()
 
+    def clear(self) -> None:
+        """Erase the line, for work that prints its own summary in its place."""
+        self.stream.write("\r\033[K")
+        self.stream.flush()
+
     def close(self) -> float:
         """Finish the line; returns the elapsed seconds."""
         elapsed = time.perf_counter() - self.started

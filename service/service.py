@@ -39,8 +39,8 @@ CONFIG = ServiceConfig.from_env()
 # Resolved at import, which `bentoml serve` does before starting any worker: a missing model is
 # one clear error and a non-zero exit, not workers that fail and get respawned forever.
 MODEL_PATH = resolve_model(CONFIG.model)
-log = logging.getLogger("bentoml.keel")
-ENGINE_ATTEMPTS = 3  # BentoML's server logging shows its own hierarchy at INFO
+log = logging.getLogger("bentoml.keel")  # BentoML's server logging shows its own hierarchy at INFO
+ENGINE_ATTEMPTS = 3  # see Classifier.infer
 
 
 @bentoml.service(name="keel-engine", traffic={"timeout": 60})

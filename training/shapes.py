@@ -24,13 +24,14 @@ import math
 import os
 import shutil
 import secrets
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from service.progress import Progress
 
 # Alphabetical, so a class's index here is its index in an ImageFolder. No class is a rotation,
 # mirror image or scaling of another (hence no "diamond": that is a rotated square).
@@ -176,7 +177,7 @@ def render_sample(class_name: str, rng: np.random.Generator, size: int,
 
 
 def _write_tree(root: Path, config: ShapesConfig, progress: bool) -> None:
-    done = 0
+    bar = Progress(config.total, "shapes") if progress else None
     for split_index, split in enumerate(SPLITS):
         for class_index, name in enumerate(CLASSES):
             folder = root / split / name
@@ -184,11 +185,10 @@ def _write_tree(root: Path, config: ShapesConfig, progress: bool) -> None:
             for i in range(config.per_class(split)):
                 rng = sample_rng(config.seed, split_index, class_index, i)
                 render_sample(name, rng, config.size, config.noise_std).save(folder / f"{i:05d}.png")
-                done += 1
-                if progress and (done % 100 == 0 or done == config.total):
-                    print(f"\rshapes: {done}/{config.total} images", end="", file=sys.stderr, flush=True)
-    if progress and done:
-        print(file=sys.stderr)
+                if bar:
+                    bar.update()
+    if bar:
+        bar.close()
     splits = {split: config.per_class(split) * len(CLASSES) for split in SPLITS}
     metadata = {"name": "shapes", "classes": list(CLASSES), "splits": splits, "config": asdict(config)}
     (root / "dataset.json").write_text(json.dumps(metadata, indent=2) + "\n")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from service.preprocessing import PreprocessSpec
+from service.progress import Progress
 from training.checkpoint import checkpoint_payload, load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.data import ImageFolder, find_classes
@@ -50,7 +51,9 @@ def train(config: TrainConfig) -> dict:
     for epoch in range(1, config.epochs + 1):
         model.train()
         started, loss_sum, norm_sum, clipped, seen = time.perf_counter(), 0.0, 0.0, 0, 0
+        progress = Progress(len(train_loader), f"epoch {epoch}/{config.epochs}", unit="steps")
         for images, targets in train_loader:
+            progress.update()
             images, targets = images.to(device), targets.to(device)
             lr = learning_rate(step, total_steps, warmup_steps, config.lr)
             for group in optimizer.param_groups:
@@ -77,6 +80,7 @@ def train(config: TrainConfig) -> dict:
             loss_sum += loss.item() * len(targets)
             seen += len(targets)
 
+        progress.clear()
         val = evaluate(model, val_loader, device)
         record = {
             "epoch": epoch, "step": step, "lr": lr, "train_loss": loss_sum / max(seen, 1),
