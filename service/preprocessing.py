@@ -24,7 +24,7 @@ DEFAULT_MAX_PIXELS = 40_000_000  # ~ 7300 x 5500; a 4-channel decode of that is 
 
 
 def find_images(root: str | Path) -> list[Path]:
-    """Every image file under `root`, recursively, in sorted order."""
+    """Every image file under `root`, recursively, in sorted order (none when `root` is missing)."""
     return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,3 +119,25 @@ def test_cli_trains_inception_and_reports_bad_data(shapes_data, tmp_path):
 
     missing = run_python("-m", "training", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
     assert missing.returncode == 2 and "nowhere" in missing.stderr
+
+
+def test_non_finite_steps_are_skipped_and_leave_the_weights_untouched(tmp_path):
+    """A zero std turns every input into inf, so every loss is NaN: no step may touch the model."""
+    from training.config import TrainConfig
+    from training.models import build_model
+    from training.shapes import ShapesConfig, generate_dataset
+    from training.train import train
+
+    data = generate_dataset(tmp_path / "data", ShapesConfig(size=64, train_per_class=4, val_per_class=1,
+                                                            test_per_class=0), progress=False)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "run"), arch="alexnet_bn", width=0.125, image_size=64,
+                         resize=64, std=(0.0, 0.0, 0.0), epochs=2, batch_size=8, workers=0, seed=3)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        summary = train(config)
+    assert summary["skipped_steps"] == 10  # 40 images, batches of 8, 2 epochs
+    torch.manual_seed(3)
+    untouched = build_model("alexnet_bn", num_classes=10, width=0.125).state_dict()
+    trained = load_checkpoint(tmp_path / "run" / "last.pt")
+    for name, tensor in untouched.items():
+        assert torch.equal(trained["state_dict"][name], tensor), name
+    assert trained["optimizer"]["state"] == {}  # no momentum was ever accumulated

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from service.preprocessing import PreprocessSpec
+from service.preprocessing import PreprocessSpec, find_images
 from service.progress import Progress
 from training.checkpoint import checkpoint_payload, load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.config import TrainConfig
@@ -50,7 +50,7 @@ def train(config: TrainConfig) -> dict:
     step, skipped, best_acc, history = 0, 0, -1.0, []
     for epoch in range(1, config.epochs + 1):
         model.train()
-        started, loss_sum, norm_sum, clipped, seen = time.perf_counter(), 0.0, 0.0, 0, 0
+        started, loss_sum, norm_sum, clipped, applied, seen = time.perf_counter(), 0.0, 0.0, 0, 0, 0
         progress = Progress(len(train_loader), f"epoch {epoch}/{config.epochs}", unit="steps")
         for images, targets in train_loader:
             progress.update()
@@ -60,23 +60,30 @@ def train(config: TrainConfig) -> dict:
                 group["lr"] = lr
             step += 1
 
+            # The forward pass updates batch-norm running statistics; keep the old ones so that a
+            # skipped step leaves no trace in the model (they are a few numbers per channel).
+            saved_buffers = [buffer.detach().clone() for buffer in model.buffers()]
             outputs = model(images)
             loss = training_loss(outputs, targets, criterion, config.aux_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # Clip by the global L2 norm of all gradients; the norm is measured before clipping.
             max_norm = config.clip_grad_norm if config.clip_grad_norm > 0 else math.inf
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
             # Non-finite guard: a NaN/inf loss or gradient would poison the weights and the
             # momentum buffers for good, so that step is skipped and counted instead.
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
                 skipped += 1
-                print(f"  step {step}: non-finite loss or gradient, step skipped", file=sys.stderr)
+                with torch.no_grad():
+                    for buffer, saved in zip(model.buffers(), saved_buffers):
+                        buffer.copy_(saved)
+                print(f"\n  step {step}: non-finite loss or gradient, step skipped", file=sys.stderr)
                 continue
             optimizer.step()
 
-            clipped += int(grad_norm.item() > max_norm)
-            norm_sum += grad_norm.item()
+            applied += 1
+            clipped += grad_norm > max_norm
+            norm_sum += grad_norm
             loss_sum += loss.item() * len(targets)
             seen += len(targets)
 
@@ -84,8 +91,8 @@ def train(config: TrainConfig) -> dict:
         val = evaluate(model, val_loader, device)
         record = {
             "epoch": epoch, "step": step, "lr": lr, "train_loss": loss_sum / max(seen, 1),
-            "val_loss": val["loss"], "val_acc": val["acc"], "mean_grad_norm": norm_sum / max(len(train_loader), 1),
-            "clip_rate": clipped / max(len(train_loader), 1),
+            "val_loss": val["loss"], "val_acc": val["acc"], "mean_grad_norm": norm_sum / max(applied, 1),
+            "clip_rate": clipped / max(applied, 1),
             "skipped_steps": skipped, "seconds": round(time.perf_counter() - started, 2),
         }
         history.append(record)
@@ -104,7 +111,7 @@ def train(config: TrainConfig) -> dict:
             save_checkpoint(out / "best.pt", payload)
 
     summary = {"best_val_acc": best_acc, "epochs": config.epochs, "skipped_steps": skipped}
-    if (data / "test").is_dir():
+    if find_images(data / "test"):
         summary["test_acc"] = evaluate_checkpoint_on(out / "best.pt", data / "test", classes, spec, config, device)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_history(history, out / "training.png")
