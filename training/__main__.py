@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import re
 import sys
 
 from training.config import TrainConfig
 from training.models import MODELS
 
 
+def field_help() -> dict[str, str]:
+    """Each field's inline comment in TrainConfig, so the config's documentation is the --help text."""
+    source = inspect.getsource(TrainConfig)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^ {4}(\w+): [^#\n]*# (.+)$", source, re.M)}
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    comments = field_help()
     parser = argparse.ArgumentParser(prog="python -m training", description="Train an image classifier on an ImageFolder tree.")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -26,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             options.update(type=json.loads, default=default, metavar="JSON")
         else:
             options.update(type=str if required else type(default), default=default)
-        options["help"] = "required" if required else f"default: {default}"
+        options["help"] = comments.get(field.name, "") + ("" if required else f" (default: {default})")
         parser.add_argument(flag, **options)
     args = parser.parse_args(argv)
     try:

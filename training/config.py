@@ -14,20 +14,20 @@ class TrainConfig:
     image_size: int = 224  # model input side (the centre crop)
     resize: int = 0  # shorter side before the crop; 0 means image_size / 0.875, as for ImageNet
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet RGB statistics
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    epochs: int = 30
-    batch_size: int = 64
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # divides each channel after the mean
+    epochs: int = 30  # passes over the training split
+    batch_size: int = 64  # images per optimizer step
     optimizer: str = "sgd"  # "sgd" (Nesterov momentum) or "adamw"
     lr: float = 0.05  # peak learning rate, reached after the warmup
     momentum: float = 0.9  # SGD only
     weight_decay: float = 5e-4  # never applied to batch-norm parameters or biases
     warmup_epochs: float = 1.0  # linear warmup, then cosine decay to zero
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # share of the target probability spread over all classes
     clip_grad_norm: float = 2.0  # max global L2 norm of all gradients; 0 turns clipping off
     aux_weight: float = 0.3  # weight of auxiliary-head losses (Inception with aux heads)
     min_crop_scale: float = 0.5  # random-resized-crop keeps at least this fraction of the area
     workers: int = 2  # data-loading processes; 0 loads in the training process
-    seed: int = 0
+    seed: int = 0  # initialisation, data order and augmentation
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
     model_args: dict = field(default_factory=dict)  # extra builder arguments, e.g. {"aux_logits": True}
 
