@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import urllib.error
 import urllib.request
 import uuid
@@ -124,3 +125,44 @@ def test_missing_model_fails_at_start_with_a_clear_message(tmp_path):
     finally:
         server.stop()
     assert f"{missing}: no such model file" in str(error.value)
+
+
+def test_oversized_uploads_are_refused_before_decoding(server):
+    """413 as soon as the declared or streamed size passes KEEL_MAX_UPLOAD_BYTES (default 20 MiB).
+
+    Raw sockets, because the server answers before taking the whole body, which clients that
+    only read after sending everything (urllib) see as a reset connection.
+    """
+    limit = 20 * 1024 * 1024
+    declared = f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {limit + 1}\r\n\r\n"
+    code, answer = raw_request(server.port, declared.encode())
+    assert code == 413 and "over the limit" in answer["error"]
+
+    chunk = b"\x00" * (1024 * 1024)
+    streamed = (b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 20 + b"1\r\n\x00\r\n")
+    # limit + 1 bytes and no end marker: the server refuses on the last byte, having read everything
+    # (so it closes cleanly instead of resetting a connection with unread data)
+    code, answer = raw_request(server.port, streamed)
+    assert code == 413 and "over the limit" in answer["error"]
+
+
+def raw_request(port: int, data: bytes) -> tuple[int, dict]:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(data)
+        response = b""
+        while b"\r\n\r\n" not in response or len(response.split(b"\r\n\r\n", 1)[1]) < content_length(response):
+            part = sock.recv(65536)
+            if not part:
+                break
+            response += part
+    head, body = response.split(b"\r\n\r\n", 1)
+    return int(head.split()[1]), json.loads(body[: content_length(response)])
+
+
+def content_length(response: bytes) -> int:
+    for line in response.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
