@@ -34,6 +34,11 @@ def test_bentoml_build_holds_service_and_model(exported_model, tmp_path):
     register = f"from pathlib import Path; from export.onnx_export import save_to_bentoml; save_to_bentoml(Path({str(exported_model)!r}), 'keel-classifier')"
     registered = run_python("-c", register, env=env)
     assert registered.returncode == 0, registered.stderr
+    # KEEL_MODEL may name the model by tag: it resolves to the stored ONNX file
+    resolved = run_python("-c", "from service.inference import resolve_model; print(resolve_model('keel-classifier'))", env=env)
+    assert resolved.returncode == 0 and resolved.stdout.strip().endswith("model.onnx"), resolved.stderr
+    missing = run_python("-c", "from service.inference import resolve_model; resolve_model('no-such-model')", env=env)
+    assert "neither an .onnx file nor in the BentoML model store" in missing.stderr
     bentoml = str(Path(sys.executable).with_name("bentoml"))
     built = subprocess.run([bentoml, "build"], cwd=REPO, env={**os.environ, **env},
                            capture_output=True, text=True, timeout=300)
