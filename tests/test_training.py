@@ -39,7 +39,7 @@ def test_checkpoint_is_self_describing(trained_run, shapes_data):
     assert checkpoint["model_args"] == {"num_classes": 10, "width": 0.25, "dropout": 0.0}
     assert checkpoint["labels"] == sorted(p.name for p in (shapes_data / "train").iterdir())
     assert checkpoint["preprocessing"]["crop"] == 64
-    assert checkpoint["config"]["clip_grad_norm"] > 0
+    assert checkpoint["config"]["clip"] == "norm" and checkpoint["config"]["clip_threshold"] > 0
     assert 0 <= checkpoint["metrics"]["val_acc"] <= 1
     # rebuilt from the checkpoint alone, the model gives the logits the training run evaluated
     model = model_from_checkpoint(checkpoint)
@@ -111,11 +111,13 @@ def test_learning_rate_warms_up_then_decays_to_zero():
 def test_cli_trains_inception_and_reports_bad_data(shapes_data, tmp_path):
     result = run_python("-m", "training", "--arch", "inception_v1_bn", "--data", str(shapes_data),
                         "--out", str(tmp_path / "run"), "--width", "0.125", "--image-size", "64", "--resize", "64",
-                        "--epochs", "1", "--batch-size", "64", "--workers", "0", "--model-args", '{"aux_logits": true}')
+                        "--epochs", "1", "--batch-size", "64", "--workers", "0", "--model-args", '{"aux_logits": true}',
+                        "--clip", "agc", "--clip-threshold", "0.05")
     assert result.returncode == 0, result.stderr
     assert "epoch 1/1" in result.stderr
     checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
     assert checkpoint["arch"] == "inception_v1_bn" and checkpoint["model_args"]["aux_logits"] is True
+    assert checkpoint["config"]["clip"] == "agc" and 0 <= checkpoint["metrics"]["clip_rate"] <= 1
 
     missing = run_python("-m", "training", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
     assert missing.returncode == 2 and "nowhere" in missing.stderr

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from training.clipping import CLIP_MODES
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -23,7 +25,8 @@ class TrainConfig:
     weight_decay: float = 5e-4  # never applied to batch-norm parameters or biases
     warmup_epochs: float = 1.0  # linear warmup, then cosine decay to zero
     label_smoothing: float = 0.1  # share of the target probability spread over all classes
-    clip_grad_norm: float = 2.0  # max global L2 norm of all gradients; 0 turns clipping off
+    clip: str = "norm"  # gradient clipping: "norm" (global L2), "value" (per element), "agc" (unit-wise), "none"
+    clip_threshold: float = 2.0  # max global norm ("norm"), max |g| ("value"), max |g|/|w| per unit ("agc": ~0.01-0.16)
     aux_weight: float = 0.3  # weight of auxiliary-head losses (Inception with aux heads)
     min_crop_scale: float = 0.5  # random-resized-crop keeps at least this fraction of the area
     workers: int = 2  # data-loading processes; 0 loads in the training process
@@ -34,6 +37,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', not {self.optimizer!r}")
+        if self.clip not in CLIP_MODES:
+            raise ValueError(f"clip must be one of {', '.join(CLIP_MODES)}, not {self.clip!r}")
+        if self.clip != "none" and not self.clip_threshold > 0:
+            raise ValueError(f"clip_threshold must be positive, not {self.clip_threshold}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
         if self.resize and self.resize < self.image_size:

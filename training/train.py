@@ -1,6 +1,7 @@
 """The training loop: read it top to bottom.
 
-Each step: forward, loss, backward, global-norm clipping, a non-finite guard, optimizer step.
+Each step: forward, loss, backward, gradient clipping (global norm by default), a non-finite
+guard, optimizer step.
 Each epoch: validation, `last.pt` always, `best.pt` when validation accuracy improves, one line
 of `metrics.jsonl`. At the end: test-split accuracy (when the data has a test split) and a plot.
 """
@@ -19,6 +20,7 @@ from torch import nn
 from service.preprocessing import PreprocessSpec, find_images
 from service.progress import Progress
 from training.checkpoint import checkpoint_payload, load_checkpoint, model_from_checkpoint, save_checkpoint
+from training.clipping import clip_gradients
 from training.config import TrainConfig
 from training.data import ImageFolder, find_classes
 from training.models import build_model
@@ -67,9 +69,8 @@ def train(config: TrainConfig) -> dict:
             loss = training_loss(outputs, targets, criterion, config.aux_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            # Clip by the global L2 norm of all gradients; the norm is measured before clipping.
-            max_norm = config.clip_grad_norm if config.clip_grad_norm > 0 else math.inf
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+            # Clip (by global norm unless the config says otherwise); the norm is measured before.
+            grad_norm, was_clipped = clip_gradients(model, config.clip, config.clip_threshold, len(classes))
             # Non-finite guard: a NaN/inf loss or gradient would poison the weights and the
             # momentum buffers for good, so that step is skipped and counted instead.
             if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
@@ -82,7 +83,7 @@ def train(config: TrainConfig) -> dict:
             optimizer.step()
 
             applied += 1
-            clipped += grad_norm > max_norm
+            clipped += was_clipped
             norm_sum += grad_norm
             loss_sum += loss.item() * len(targets)
             seen += len(targets)

@@ -1,0 +1,67 @@
+"""Gradient clipping, three ways, behind one call the training loop makes after every backward.
+
+- "norm": scale all gradients together so their global L2 norm is at most `threshold` (Pascanu
+  et al. 2013). Keeps the update's direction; the default.
+- "value": clamp every gradient element to [-threshold, threshold]. Cheap, but changes direction.
+- "agc": adaptive gradient clipping (Brock et al. 2021, "High-Performance Large-Scale Image
+  Recognition Without Normalization"): per output unit (row of a weight), scale the gradient so
+  that ||g|| / max(||w||, 1e-3) <= threshold (the paper uses 0.01-0.16). Classifier layers
+  (Linear layers with one output per class) are excluded, as in the paper.
+- "none": measure the norm only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CLIP_MODES = ("norm", "value", "agc", "none")
+AGC_EPS = 1e-3  # floor on ||w||, so units that start at zero can still move
+
+
+def clip_gradients(model: nn.Module, mode: str, threshold: float, num_classes: int) -> tuple[float, bool]:
+    """Clip `model`'s gradients in place; returns (global L2 norm before clipping, whether it clipped).
+
+    The norm comes back as a float, NaN or inf when a gradient is not finite: the caller's guard
+    decides what to do with such a step.
+    """
+    if mode not in CLIP_MODES:
+        raise ValueError(f"clip mode must be one of {', '.join(CLIP_MODES)}, not {mode!r}")
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    if mode == "norm":
+        clipped = norm > threshold
+        if clipped:
+            torch._foreach_mul_(grads, threshold / (norm + 1e-6))  # as clip_grad_norm_ does, norm already known
+    elif mode == "value":
+        clipped = any(bool((g.abs() > threshold).any()) for g in grads)
+        torch.nn.utils.clip_grad_value_(model.parameters(), threshold)
+    elif mode == "agc":
+        clipped = adaptive_clip_(agc_parameters(model, num_classes), threshold)
+    else:
+        clipped = False
+    return norm, clipped
+
+
+def agc_parameters(model: nn.Module, num_classes: int) -> list[nn.Parameter]:
+    """Every parameter except those of classifier layers (Linear with num_classes outputs)."""
+    excluded = {id(p) for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes
+                for p in m.parameters()}
+    return [p for p in model.parameters() if id(p) not in excluded]
+
+
+@torch.no_grad()
+def adaptive_clip_(parameters: list[nn.Parameter], threshold: float) -> bool:
+    """Unit-wise AGC in place; returns whether any unit was clipped."""
+    clipped = False
+    for p in parameters:
+        if p.grad is None:
+            continue
+        # one row per output unit: conv N x C x k x k -> N x (C k k); BN/bias vectors are one unit per element
+        units = p.shape[0] if p.ndim > 1 else p.numel()
+        max_norm = p.reshape(units, -1).norm(dim=1).clamp_min(AGC_EPS) * threshold
+        grad_norm = p.grad.reshape(units, -1).norm(dim=1)
+        scale = torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp_min(1e-6), torch.ones_like(grad_norm))
+        clipped |= bool((scale < 1).any())
+        p.grad.mul_(scale.reshape(units, *[1] * (p.ndim - 1)) if p.ndim > 1 else scale)
+    return clipped
