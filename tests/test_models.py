@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 
 import pytest
@@ -11,11 +12,14 @@ from torch import nn
 from training.models import MODELS, build_model, count_parameters
 from training.models import alexnet as alexnet_module
 from training.models import inception_v1 as inception_module
+from training.models import inception_v3 as inception_v3_module
 from training.models.alexnet import alexnet, alexnet_bn
 from training.models.inception_v1 import inception_v1_bn
+from training.models.inception_v3 import inception_v3
 from training.models.layers import ConvBNReLU, scaled
 
 SMALL = 0.25  # width for every test that runs a forward pass, to keep the file fast
+TINY = 0.125  # Inception-v3 at 299 px (its aux head's minimum): thinner still
 NUM_CLASSES = 10
 
 
@@ -23,6 +27,11 @@ def meta_params(builder, **kwargs) -> int:
     """Parameter count without allocating or initialising weights."""
     with torch.device("meta"):
         return count_parameters(builder(**kwargs))
+
+
+def min_input_size(arch: str) -> int:
+    """MIN_INPUT_SIZE of the module that defines `arch`'s builder."""
+    return importlib.import_module(MODELS[arch].__module__).MIN_INPUT_SIZE
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +67,12 @@ def test_inception_v1_bn_matches_torchvision_googlenet_parameter_count():
     assert meta_params(inception_v1_bn, num_classes=1000, aux_logits=True) == 13_004_888
 
 
+def test_inception_v3_matches_torchvision_parameter_count():
+    # torchvision's inception_v3() (aux_logits=True by default) and inception_v3(aux_logits=False)
+    assert meta_params(inception_v3, num_classes=1000) == 27_161_264
+    assert meta_params(inception_v3, num_classes=1000, aux_logits=False) == 23_834_568
+
+
 @pytest.mark.parametrize("arch", sorted(MODELS))
 def test_smaller_width_has_fewer_parameters(arch):
     full = meta_params(MODELS[arch], num_classes=NUM_CLASSES, width=1.0)
@@ -91,8 +106,17 @@ def test_inception_output_shape(size):
         assert model(torch.randn(2, 3, size, size)).shape == (2, NUM_CLASSES)
 
 
+@pytest.mark.parametrize("size", [inception_v3_module.MIN_INPUT_SIZE, 128])
+def test_inception_v3_output_shape(size):
+    model = build_model("inception_v3", NUM_CLASSES, width=TINY).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, size, size)).shape == (2, NUM_CLASSES)
+
+
 @pytest.mark.parametrize(
-    "module, arch", [(alexnet_module, "alexnet"), (inception_module, "inception_v1_bn")], ids=["alexnet", "inception"]
+    "module, arch",
+    [(alexnet_module, "alexnet"), (inception_module, "inception_v1_bn"), (inception_v3_module, "inception_v3")],
+    ids=["alexnet", "inception", "inception_v3"],
 )
 def test_min_input_size_is_exact(module, arch):
     model = build_model(arch, NUM_CLASSES, width=SMALL).eval()
@@ -103,19 +127,31 @@ def test_min_input_size_is_exact(module, arch):
             model(torch.randn(1, 3, size - 1, size - 1))
 
 
+def test_inception_v3_aux_min_input_size_is_exact():
+    # The aux head's 5x5/3 pool and 5x5 conv need the 17 x 17 stage at full size: 299 px.
+    model = build_model("inception_v3", NUM_CLASSES, width=TINY).train()
+    size = inception_v3_module.MIN_INPUT_SIZE_AUX
+    with torch.no_grad():
+        logits, aux = model(torch.randn(2, 3, size, size))
+        assert logits.shape == aux.shape == (2, NUM_CLASSES)
+        with pytest.raises(RuntimeError):
+            model(torch.randn(2, 3, size - 1, size - 1))
+
+
 # --- registry ---------------------------------------------------------------------------------
 
 
 def test_registry_has_the_published_names():
-    assert {"alexnet", "alexnet_bn", "inception_v1_bn"} <= set(MODELS)
+    assert {"alexnet", "alexnet_bn", "inception_v1_bn", "inception_v3"} <= set(MODELS)
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
 def test_registry_builds_every_name(arch):
     model = build_model(arch, NUM_CLASSES, width=SMALL)
     assert isinstance(model, nn.Module)
+    size = max(64, min_input_size(arch))
     with torch.no_grad():
-        assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, NUM_CLASSES)
+        assert model.eval()(torch.randn(2, 3, size, size)).shape == (2, NUM_CLASSES)
 
 
 def test_registry_rejects_unknown_names():
@@ -151,6 +187,12 @@ def test_conv_bias_only_without_batch_norm():
     assert block[0].bias is None and block[1].eps == 0.001
 
 
+def test_conv_accepts_asymmetric_kernels():
+    block = ConvBNReLU(8, 16, (1, 7), padding=(0, 3))
+    assert block[0].weight.shape == (16, 8, 1, 7)
+    assert block(torch.randn(2, 8, 5, 9)).shape == (2, 16, 5, 9)
+
+
 # --- Inception auxiliary heads ----------------------------------------------------------------
 
 
@@ -171,17 +213,41 @@ def test_inception_without_aux_returns_tensor_in_training_mode():
     assert isinstance(logits, torch.Tensor) and logits.shape == (2, NUM_CLASSES)
 
 
+def test_inception_v3_aux_head_only_in_training_mode():
+    model = build_model("inception_v3", NUM_CLASSES, width=TINY)
+    size = inception_v3_module.MIN_INPUT_SIZE_AUX
+    x = torch.randn(2, 3, size, size)
+    outputs = model.train()(x)
+    assert isinstance(outputs, tuple) and len(outputs) == 2
+    assert all(out.shape == (2, NUM_CLASSES) for out in outputs)
+    with torch.no_grad():
+        logits = model.eval()(x)
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, NUM_CLASSES)
+
+
+def test_inception_v3_without_aux_returns_tensor_in_training_mode():
+    model = build_model("inception_v3", NUM_CLASSES, width=TINY, aux_logits=False).train()
+    assert model.AuxLogits is None
+    logits = model(torch.randn(2, 3, 96, 96))
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, NUM_CLASSES)
+
+
 # --- gradients --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "arch, model_args",
-    [("alexnet", {}), ("alexnet_bn", {}), ("inception_v1_bn", {"aux_logits": True})],
-    ids=["alexnet", "alexnet_bn", "inception_v1_bn_aux"],
+    "arch, model_args, size",
+    [
+        ("alexnet", {}, 64),
+        ("alexnet_bn", {}, 64),
+        ("inception_v1_bn", {"aux_logits": True}, 64),
+        ("inception_v3", {"width": TINY}, inception_v3_module.MIN_INPUT_SIZE_AUX),  # aux on by default
+    ],
+    ids=["alexnet", "alexnet_bn", "inception_v1_bn_aux", "inception_v3_aux"],
 )
-def test_backward_gives_finite_gradients_everywhere(arch, model_args):
-    model = build_model(arch, NUM_CLASSES, width=SMALL, **model_args).train()
-    outputs = model(torch.randn(2, 3, 64, 64))
+def test_backward_gives_finite_gradients_everywhere(arch, model_args, size):
+    model = build_model(arch, NUM_CLASSES, **{"width": SMALL, **model_args}).train()
+    outputs = model(torch.randn(2, 3, size, size))
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     targets = torch.tensor([0, 1])
     sum(nn.functional.cross_entropy(out, targets) for out in outputs).backward()

@@ -13,13 +13,14 @@ from torch import nn
 
 # Import the modules, not the builders: `from .alexnet import alexnet` would shadow the submodule
 # `training.models.alexnet` with the function of the same name.
-from training.models import alexnet, inception_v1
+from training.models import alexnet, inception_v1, inception_v3
 from training.models.layers import init_weights
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "alexnet": alexnet.alexnet,
     "alexnet_bn": alexnet.alexnet_bn,
     "inception_v1_bn": inception_v1.inception_v1_bn,
+    "inception_v3": inception_v3.inception_v3,
 }
 
 

@@ -13,16 +13,17 @@ class ConvBNReLU(nn.Sequential):
     """Conv2d -> BatchNorm2d (optional) -> ReLU.
 
     The conv carries a bias only without batch norm: BN's learned shift makes a conv bias redundant,
-    so dropping it keeps parameter counts equal to the reference implementations.
+    so dropping it keeps parameter counts equal to the reference implementations. kernel_size, stride
+    and padding go straight to nn.Conv2d: an int, or an (h, w) pair for asymmetric kernels like 1x7.
     """
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: int = 0,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
         batch_norm: bool = True,
         bn_eps: float = 1e-5,
     ):
