@@ -13,7 +13,7 @@ from tests.conftest import run_python
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.train import learning_rate
 
-# TINY_TRAINING (conftest), 10 epochs on 500 images per class, measured 0.6-0.7 test accuracy;
+# TINY_TRAINING (conftest), 12 epochs on 500 images per class, measured 0.6-0.7 test accuracy;
 # chance is 0.1 and a linear model on the pixels reaches ~0.13 (tests/test_shapes.py).
 REQUIRED_TEST_ACCURACY = 0.5
 
@@ -24,8 +24,21 @@ def test_tiny_run_learns_the_shapes(trained_run):
     assert summary["skipped_steps"] == 0
 
 
+def test_test_split_report_is_consistent(trained_run):
+    """Top-5 >= top-1, per-class accuracies and the confusion matrix agree with the overall number."""
+    summary = json.loads((trained_run / "summary.json").read_text())
+    confusion = summary["test_confusion"]
+    assert len(confusion) == 10 and all(len(row) == 10 for row in confusion)
+    total = sum(map(sum, confusion))
+    assert total == 200  # 20 test images per class
+    assert summary["test_acc"] == pytest.approx(sum(confusion[i][i] for i in range(10)) / total)
+    assert summary["test_top5"] >= summary["test_acc"]
+    for i, (label, accuracy) in enumerate(summary["test_per_class_acc"].items()):
+        assert accuracy == pytest.approx(confusion[i][i] / sum(confusion[i]), abs=1e-4), label
+
+
 def test_run_directory_holds_everything(trained_run):
-    for name in ("best.pt", "last.pt", "config.json", "metrics.jsonl", "summary.json", "training.png"):
+    for name in ("best.pt", "last.pt", "config.json", "metrics.jsonl", "summary.json", "training.png", "confusion_test.png"):
         assert (trained_run / name).is_file(), name
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))

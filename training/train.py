@@ -3,7 +3,8 @@
 Each step: forward, loss, backward, gradient clipping (global norm by default), a non-finite
 guard, optimizer step.
 Each epoch: validation, `last.pt` always, `best.pt` when validation accuracy improves, one line
-of `metrics.jsonl`. At the end: test-split accuracy (when the data has a test split) and a plot.
+of `metrics.jsonl`. At the end, when the data has a test split: the best checkpoint's top-1,
+top-5 and per-class accuracy and a confusion-matrix plot; and a plot of the curves.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from training.checkpoint import checkpoint_payload, load_checkpoint, model_from_
 from training.clipping import clip_gradients
 from training.config import TrainConfig
 from training.data import ImageFolder, find_classes
+from training.evaluation import evaluate, plot_confusion
 from training.models import build_model
 
 
@@ -89,10 +91,10 @@ def train(config: TrainConfig) -> dict:
             seen += len(targets)
 
         progress.clear()
-        val = evaluate(model, val_loader, device)
+        val = evaluate(model, val_loader, device, classes)
         record = {
             "epoch": epoch, "step": step, "lr": lr, "train_loss": loss_sum / max(seen, 1),
-            "val_loss": val["loss"], "val_acc": val["acc"], "mean_grad_norm": norm_sum / max(applied, 1),
+            "val_loss": val["loss"], "val_acc": val["acc"], "val_top5": val["top5"], "mean_grad_norm": norm_sum / max(applied, 1),
             "clip_rate": clipped / max(applied, 1),
             "skipped_steps": skipped, "seconds": round(time.perf_counter() - started, 2),
         }
@@ -112,8 +114,13 @@ def train(config: TrainConfig) -> dict:
             save_checkpoint(out / "best.pt", payload)
 
     summary = {"best_val_acc": best_acc, "epochs": config.epochs, "skipped_steps": skipped}
-    if find_images(data / "test"):
-        summary["test_acc"] = evaluate_checkpoint_on(out / "best.pt", data / "test", classes, spec, config, device)
+    if find_images(data / "test"):  # the best checkpoint, once, on data it never selected on
+        best = model_from_checkpoint(load_checkpoint(out / "best.pt")).to(device)
+        test = evaluate(best, make_loader(ImageFolder(data / "test", classes, spec, False), config, False), device, classes)
+        summary.update(test_acc=test["acc"], test_top5=test["top5"], test_per_class_acc=test["per_class_acc"],
+                       test_confusion=test["confusion"])
+        plot_confusion(test["confusion"], classes, out / "confusion_test.png",
+                       f"{config.arch}: test top-1 {test['acc']:.1%}, top-5 {test['top5']:.1%}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_history(history, out / "training.png")
     print(f"done: best val_acc {best_acc:.3f}" + (f", test_acc {summary['test_acc']:.3f}" if "test_acc" in summary else "")
@@ -145,24 +152,6 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device) -> dict:
-    model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    for images, targets in loader:
-        images, targets = images.to(device), targets.to(device)
-        logits = model(images)
-        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-        correct += (logits.argmax(1) == targets).sum().item()
-        count += len(targets)
-    return {"loss": loss_sum / count, "acc": correct / count}
-
-
-def evaluate_checkpoint_on(checkpoint_path, split_dir, classes, spec, config, device) -> float:
-    model = model_from_checkpoint(load_checkpoint(checkpoint_path)).to(device)
-    return evaluate(model, make_loader(ImageFolder(split_dir, classes, spec, False), config, False), device)["acc"]
 
 
 def make_loader(dataset, config: TrainConfig, shuffle: bool) -> torch.utils.data.DataLoader:
