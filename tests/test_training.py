@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,3 +157,39 @@ def test_non_finite_steps_are_skipped_and_leave_the_weights_untouched(tmp_path):
     for name, tensor in untouched.items():
         assert torch.equal(trained["state_dict"][name], tensor), name
     assert trained["optimizer"]["state"] == {}  # no momentum was ever accumulated
+
+
+def test_a_run_killed_mid_training_resumes_to_the_same_weights(tmp_path):
+    """kill -9 during training, resume from last.pt: the final weights equal an uninterrupted run's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from training.shapes import ShapesConfig, generate_dataset
+
+    data = generate_dataset(tmp_path / "data", ShapesConfig(size=64, train_per_class=24, val_per_class=2,
+                                                            test_per_class=0), progress=False)
+    args = ["-m", "training", "--data", str(data), "--width", "0.125", "--image-size", "64", "--resize", "64",
+            "--epochs", "4", "--batch-size", "16", "--workers", "1", "--seed", "7"]
+    assert run_python(*args, "--out", str(tmp_path / "straight")).returncode == 0
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, *args, "--out", str(interrupted)], cwd=Path(__file__).parents[1],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (interrupted / "last.pt").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stopped_after = load_checkpoint(interrupted / "last.pt")["epoch"]
+    assert stopped_after < 4, "the run finished before it could be interrupted"
+
+    resumed = run_python(*args, "--out", str(interrupted), "--resume", str(interrupted / "last.pt"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {interrupted / 'last.pt'} after epoch {stopped_after}" in resumed.stderr
+    straight, again = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(interrupted / "last.pt")
+    for name, tensor in straight["state_dict"].items():
+        assert torch.equal(again["state_dict"][name], tensor), name
+    log = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in log] == [1, 2, 3, 4]

@@ -32,6 +32,7 @@ class TrainConfig:
     workers: int = 2  # data-loading processes; 0 loads in the training process
     seed: int = 0  # initialisation, data order and augmentation
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
+    resume: str = ""  # a run's last.pt: go on from it (same data, arch and schedule) to `epochs`
     model_args: dict = field(default_factory=dict)  # extra builder arguments, e.g. {"aux_logits": True}
 
     def __post_init__(self):

@@ -34,7 +34,6 @@ def train(config: TrainConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    (out / "metrics.jsonl").write_text("")  # a new run replaces the previous run's log
 
     data = Path(config.data)
     classes = find_classes(data / "train")
@@ -51,8 +50,23 @@ def train(config: TrainConfig) -> dict:
     print(f"training {config.arch} (width {config.width}) on {len(train_loader.dataset)} images, "
           f"{len(classes)} classes, {config.epochs} epochs, device {device}", file=sys.stderr)
 
-    step, skipped, best_acc, history = 0, 0, -1.0, []
-    for epoch in range(1, config.epochs + 1):
+    step, skipped, best_acc, history, first_epoch = 0, 0, -1.0, [], 1
+    if config.resume:
+        state = load_checkpoint(config.resume)
+        if (state["arch"], state["model_args"]) != (config.arch, model_args):
+            raise ValueError(f"{config.resume}: was trained as {state['arch']} {state['model_args']}, "
+                             f"not {config.arch} {model_args}")
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        train_loader.generator.set_state(state["rng"]["loader"])
+        step, skipped, best_acc, first_epoch = state["step"], state["skipped_steps"], state["best_val_acc"], state["epoch"] + 1
+        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][: state["epoch"]]
+        print(f"resuming from {config.resume} after epoch {state['epoch']}", file=sys.stderr)
+    # the log holds exactly the epochs behind the weights: a new run starts it afresh
+    (out / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
+
+    for epoch in range(first_epoch, config.epochs + 1):
         model.train()
         started, loss_sum, norm_sum, clipped, applied, seen = time.perf_counter(), 0.0, 0.0, 0, 0, 0
         progress = Progress(len(train_loader), f"epoch {epoch}/{config.epochs}", unit="steps")
@@ -108,10 +122,13 @@ def train(config: TrainConfig) -> dict:
             model, arch=config.arch, model_args=model_args, labels=classes, preprocessing=spec.to_dict(),
             config=config.to_dict(), metrics=record, epoch=epoch, optimizer=optimizer.state_dict(),
         )
-        save_checkpoint(out / "last.pt", payload)
         if val["acc"] > best_acc:
             best_acc = val["acc"]
             save_checkpoint(out / "best.pt", payload)
+        # Everything an interrupted run needs to go on exactly as if it had not stopped.
+        payload.update(step=step, skipped_steps=skipped, best_val_acc=best_acc,
+                       rng={"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state()})
+        save_checkpoint(out / "last.pt", payload)
 
     summary = {"best_val_acc": best_acc, "epochs": config.epochs, "skipped_steps": skipped}
     if find_images(data / "test"):  # the best checkpoint, once, on data it never selected on
@@ -158,7 +175,9 @@ def make_loader(dataset, config: TrainConfig, shuffle: bool) -> torch.utils.data
     generator = torch.Generator().manual_seed(config.seed)
     return torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) > config.batch_size,
-        num_workers=config.workers, persistent_workers=config.workers > 0, generator=generator,
+        # Workers are started afresh each epoch, seeded from `generator`, so that a resumed run
+        # augments exactly as an uninterrupted one (persistent workers would carry their RNG on).
+        num_workers=config.workers, generator=generator,
     )
 
 
