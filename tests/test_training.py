@@ -39,12 +39,26 @@ def test_test_split_report_is_consistent(trained_run):
 
 
 def test_run_directory_holds_everything(trained_run):
-    for name in ("best.pt", "last.pt", "config.json", "metrics.jsonl", "summary.json", "training.png", "confusion_test.png"):
+    for name in ("best.pt", "last.pt", "config.json", "metrics.jsonl", "summary.json", "training.png",
+                 "confusion_test.png", "steps.jsonl", "steps.png"):
         assert (trained_run / name).is_file(), name
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))
     assert all(math.isfinite(r["train_loss"]) and 0 <= r["clip_rate"] <= 1 for r in records)
     assert records[-1]["train_loss"] < records[0]["train_loss"]
+
+
+def test_every_step_is_monitored_with_per_layer_norms_at_the_interval(trained_run):
+    steps = [json.loads(line) for line in (trained_run / "steps.jsonl").read_text().splitlines()]
+    last_epoch = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert [r["step"] for r in steps] == list(range(1, last_epoch["step"] + 1))
+    assert all(r["grad_norm"] > 0 and r["lr"] > 0 and not r["skipped"] for r in steps)
+    layered = [r for r in steps if "layers" in r]
+    assert [r["step"] for r in layered] == [s for s in range(1, len(steps) + 1) if s % 25 == 0]
+    layers = list(layered[0]["layers"])
+    assert layers[0] == "features.conv1" and layers[-1] == "classifier.fc3"  # input first; conv+BN as one
+    # the per-layer norms are the pieces of the global norm measured at the same step
+    assert math.sqrt(sum(v * v for v in layered[0]["layers"].values())) == pytest.approx(layered[0]["grad_norm"], rel=1e-4)
 
 
 def test_checkpoint_is_self_describing(trained_run, shapes_data):
@@ -193,3 +207,5 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(again["state_dict"][name], tensor), name
     log = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in log] == [1, 2, 3, 4]
+    steps = [json.loads(line)["step"] for line in (interrupted / "steps.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, log[-1]["step"] + 1))  # the killed epoch's steps are not counted twice

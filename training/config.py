@@ -29,6 +29,7 @@ class TrainConfig:
     clip_threshold: float = 2.0  # max global norm ("norm"), max |g| ("value"), max |g|/|w| per unit ("agc": ~0.01-0.16)
     aux_weight: float = 0.3  # weight of auxiliary-head losses (Inception with aux heads)
     min_crop_scale: float = 0.5  # random-resized-crop keeps at least this fraction of the area
+    layer_norms_every: int = 25  # steps between per-layer gradient norms in steps.jsonl; 0 turns them off
     workers: int = 2  # data-loading processes; 0 loads in the training process
     seed: int = 0  # initialisation, data order and augmentation
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"

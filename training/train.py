@@ -25,6 +25,7 @@ from training.clipping import clip_gradients
 from training.config import TrainConfig
 from training.data import ImageFolder, find_classes
 from training.evaluation import evaluate, plot_confusion
+from training.monitor import StepLog, layer_grad_norms, plot_steps
 from training.models import build_model
 
 
@@ -61,15 +62,18 @@ def train(config: TrainConfig) -> dict:
         torch.set_rng_state(state["rng"]["torch"])
         train_loader.generator.set_state(state["rng"]["loader"])
         step, skipped, best_acc, first_epoch = state["step"], state["skipped_steps"], state["best_val_acc"], state["epoch"] + 1
-        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][: state["epoch"]]
+        history = read_records(out / "metrics.jsonl")[: state["epoch"]]
         print(f"resuming from {config.resume} after epoch {state['epoch']}", file=sys.stderr)
-    # the log holds exactly the epochs behind the weights: a new run starts it afresh
+    # the logs hold exactly the epochs and steps behind the weights: a new run starts them afresh
     (out / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
+    kept_steps = [r for r in read_records(out / "steps.jsonl") if r["step"] <= step] if config.resume else []
+    (out / "steps.jsonl").write_text("".join(json.dumps(record) + "\n" for record in kept_steps))
+    steps_log = StepLog(out / "steps.jsonl", config.layer_norms_every)
 
     for epoch in range(first_epoch, config.epochs + 1):
         model.train()
         started, loss_sum, norm_sum, clipped, applied, seen = time.perf_counter(), 0.0, 0.0, 0, 0, 0
-        progress = Progress(len(train_loader), f"epoch {epoch}/{config.epochs}", unit="steps")
+        progress = Progress(len(train_loader), f"epoch {epoch}/{config.epochs}", unit="steps", log_lines=0)
         for images, targets in train_loader:
             progress.update()
             images, targets = images.to(device), targets.to(device)
@@ -85,11 +89,16 @@ def train(config: TrainConfig) -> dict:
             loss = training_loss(outputs, targets, criterion, config.aux_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            layers = layer_grad_norms(model) if steps_log.wants_layers(step) else None
             # Clip (by global norm unless the config says otherwise); the norm is measured before.
             grad_norm, was_clipped = clip_gradients(model, config.clip, config.clip_threshold, len(classes))
+            finite = math.isfinite(loss.item()) and math.isfinite(grad_norm)
+            steps_log.write(step=step, epoch=epoch, lr=lr, loss=loss.item() if finite else None,
+                            grad_norm=grad_norm if finite else None, clipped=was_clipped, skipped=not finite,
+                            **({"layers": layers} if layers else {}))
             # Non-finite guard: a NaN/inf loss or gradient would poison the weights and the
             # momentum buffers for good, so that step is skipped and counted instead.
-            if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
+            if not finite:
                 skipped += 1
                 with torch.no_grad():
                     for buffer, saved in zip(model.buffers(), saved_buffers):
@@ -125,11 +134,14 @@ def train(config: TrainConfig) -> dict:
         if val["acc"] > best_acc:
             best_acc = val["acc"]
             save_checkpoint(out / "best.pt", payload)
-        # Everything an interrupted run needs to go on exactly as if it had not stopped.
+        # Everything an interrupted run needs to go on exactly as if it had not stopped; the step
+        # log reaches the disk first, so it always covers what the checkpoint covers.
+        steps_log.flush()
         payload.update(step=step, skipped_steps=skipped, best_val_acc=best_acc,
                        rng={"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state()})
         save_checkpoint(out / "last.pt", payload)
 
+    steps_log.close()
     summary = {"best_val_acc": best_acc, "epochs": config.epochs, "skipped_steps": skipped}
     if find_images(data / "test"):  # the best checkpoint, once, on data it never selected on
         best = model_from_checkpoint(load_checkpoint(out / "best.pt")).to(device)
@@ -140,9 +152,21 @@ def train(config: TrainConfig) -> dict:
                        f"{config.arch}: test top-1 {test['acc']:.1%}, top-5 {test['top5']:.1%}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_history(history, out / "training.png")
+    plot_steps(out / "steps.jsonl", out / "steps.png", config.clip_threshold if config.clip in ("norm", "value") else None)
     print(f"done: best val_acc {best_acc:.3f}" + (f", test_acc {summary['test_acc']:.3f}" if "test_acc" in summary else "")
           + f"; checkpoints in {out}", file=sys.stderr)
     return summary
+
+
+def read_records(path: Path) -> list[dict]:
+    """A JSONL log's records, without the half-written last line a killed run may leave."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
 
 
 def training_loss(outputs, targets, criterion, aux_weight: float) -> torch.Tensor:

@@ -1,0 +1,95 @@
+"""Per-step monitoring: what the loop did at every step, and which layers' gradients grow.
+
+`steps.jsonl` gets one line per step: loss, global gradient norm before clipping, whether the
+step was clipped or skipped, learning rate; every `layer_every` steps also the gradient norm of
+each layer (parameters grouped by module). `plot_steps` turns the file into `steps.png`: loss,
+gradient norm against the clipping threshold, and a heat map of per-layer norms over time, the
+picture that shows an explosion starting in one layer and spreading.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def layer_grad_norms(model: nn.Module) -> dict[str, float]:
+    """L2 norm of each layer's parameter gradients (weights, biases and its batch norm together),
+    in model order."""
+    squares: dict[str, torch.Tensor] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            layer = name.rsplit(".", 1)[0]  # "features.conv1.0.weight" -> "features.conv1.0"
+            if layer.rsplit(".", 1)[-1].isdigit():  # conv and BN of one ConvBNReLU count as one layer
+                layer = layer.rsplit(".", 1)[0]
+            squares[layer] = squares.get(layer, 0) + parameter.grad.float().pow(2).sum()
+    return {layer: math.sqrt(value.item()) for layer, value in squares.items()}
+
+
+class StepLog:
+    """Appends one JSON line per step to `path`."""
+
+    def __init__(self, path: Path, layer_every: int):
+        self.path, self.layer_every = path, layer_every
+        self.file = open(path, "a")
+
+    def wants_layers(self, step: int) -> bool:
+        return self.layer_every > 0 and step % self.layer_every == 0
+
+    def write(self, **record) -> None:
+        self.file.write(json.dumps(record) + "\n")
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def plot_steps(steps_path: Path, out_path: Path, clip_threshold: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    records = [json.loads(line) for line in steps_path.read_text().splitlines() if line.strip()]
+    if not records:
+        return
+    steps = [r["step"] for r in records]
+    layered = [r for r in records if "layers" in r]
+    rows = 3 if layered else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(10, 2.6 * rows + 0.6), sharex=True)
+    loss = np.array([r["loss"] if r["loss"] is not None else np.nan for r in records], dtype=float)
+    axes[0].plot(steps, loss, lw=0.8)
+    axes[0].set_ylabel("loss")
+    norm = np.array([r["grad_norm"] if r["grad_norm"] is not None else np.nan for r in records], dtype=float)
+    axes[1].semilogy(steps, norm, lw=0.8, label="global grad norm (before clipping)")
+    if clip_threshold:
+        axes[1].axhline(clip_threshold, color="tab:red", ls="--", lw=0.8, label="clipping threshold")
+    skipped = [r["step"] for r in records if r.get("skipped")]
+    for step in skipped:
+        axes[1].axvline(step, color="black", alpha=0.3, lw=0.8)
+    axes[1].legend(loc="upper right", fontsize=8)
+    if layered:
+        layers = list(defaultdict.fromkeys(name for r in layered for name in r["layers"]))
+        grid = np.array([[r["layers"].get(name, np.nan) for r in layered] for name in layers], dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            heat = np.log10(grid)
+        x = [r["step"] for r in layered]
+        image = axes[2].imshow(heat, aspect="auto", cmap="magma", interpolation="nearest",
+                               extent=(x[0], x[-1] if len(x) > 1 else x[0] + 1, len(layers) - 0.5, -0.5))
+        if len(layers) <= 40:
+            axes[2].set_yticks(range(len(layers)), layers, fontsize=6)
+        axes[2].set_ylabel("layer (input at top)")
+        fig.colorbar(image, ax=axes[2], label="log10 grad norm", fraction=0.03)
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
