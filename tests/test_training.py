@@ -22,7 +22,7 @@ REQUIRED_TEST_ACCURACY = 0.5
 def test_tiny_run_learns_the_shapes(trained_run):
     summary = json.loads((trained_run / "summary.json").read_text())
     assert summary["test_acc"] >= REQUIRED_TEST_ACCURACY, summary
-    assert summary["skipped_steps"] == 0
+    assert summary["stability"]["skipped_steps"] == 0 and summary["stability"]["rollbacks"] == 0
 
 
 def test_test_split_report_is_consistent(trained_run):
@@ -164,7 +164,8 @@ def test_non_finite_steps_are_skipped_and_leave_the_weights_untouched(tmp_path):
                          resize=64, std=(0.0, 0.0, 0.0), epochs=2, batch_size=8, workers=0, seed=3)
     with np.errstate(divide="ignore", invalid="ignore"):
         summary = train(config)
-    assert summary["skipped_steps"] == 10  # 40 images, batches of 8, 2 epochs
+    # 40 images, batches of 8, 2 epochs: 10 steps, each skipped; every 5 skips in a row roll back
+    assert summary["stability"]["skipped_steps"] == 10 and summary["stability"]["rollbacks"] == 2
     torch.manual_seed(3)
     untouched = build_model("alexnet_bn", num_classes=10, width=0.125).state_dict()
     trained = load_checkpoint(tmp_path / "run" / "last.pt")

@@ -11,6 +11,7 @@ import sys
 
 from training.config import TrainConfig
 from training.models import MODELS
+from training.stability import TrainingDiverged
 
 
 def field_help() -> dict[str, str]:
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

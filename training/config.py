@@ -27,6 +27,12 @@ class TrainConfig:
     label_smoothing: float = 0.1  # share of the target probability spread over all classes
     clip: str = "norm"  # gradient clipping: "norm" (global L2), "value" (per element), "agc" (unit-wise), "none"
     clip_threshold: float = 2.0  # max global norm ("norm"), max |g| ("value"), max |g|/|w| per unit ("agc": ~0.01-0.16)
+    rollback_skips: int = 5  # this many non-finite steps within rollback_window mean the run diverges
+    rollback_window: int = 50  # steps
+    rollback_loss_factor: float = 5.0  # so does a loss above this multiple of its running median; 0 turns it off
+    rollback_lr_factor: float = 0.5  # after a rollback to the last good state, the learning rate is scaled by this
+    max_rollbacks: int = 3  # one more divergence and training stops with an error
+    snapshot_every: int = 100  # steps between in-memory copies of the last good state
     aux_weight: float = 0.3  # weight of auxiliary-head losses (Inception with aux heads)
     min_crop_scale: float = 0.5  # random-resized-crop keeps at least this fraction of the area
     layer_norms_every: int = 25  # steps between per-layer gradient norms in steps.jsonl; 0 turns them off

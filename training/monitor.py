@@ -73,9 +73,10 @@ def plot_steps(steps_path: Path, out_path: Path, clip_threshold: float | None) -
     axes[1].semilogy(steps, norm, lw=0.8, label="global grad norm (before clipping)")
     if clip_threshold:
         axes[1].axhline(clip_threshold, color="tab:red", ls="--", lw=0.8, label="clipping threshold")
-    skipped = [r["step"] for r in records if r.get("skipped")]
-    for step in skipped:
-        axes[1].axvline(step, color="black", alpha=0.3, lw=0.8)
+    for step in [r["step"] for r in records if r.get("skipped")]:
+        axes[1].axvline(step, color="black", alpha=0.3, lw=0.8)  # skipped: non-finite
+    for step in [r["step"] for r in records if r.get("rollback")]:
+        axes[1].axvline(step, color="tab:red", alpha=0.8, lw=1.2)  # rolled back
     axes[1].legend(loc="upper right", fontsize=8)
     if layered:
         layers = list(defaultdict.fromkeys(name for r in layered for name in r["layers"]))

@@ -9,6 +9,7 @@ top-5 and per-class accuracy and a confusion-matrix plot; and a plot of the curv
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -26,6 +27,7 @@ from training.config import TrainConfig
 from training.data import ImageFolder, find_classes
 from training.evaluation import evaluate, plot_confusion
 from training.monitor import StepLog, layer_grad_norms, plot_steps
+from training.stability import DivergenceMonitor, TrainingDiverged, passes_gate, stability_report
 from training.models import build_model
 
 
@@ -52,6 +54,7 @@ def train(config: TrainConfig) -> dict:
           f"{len(classes)} classes, {config.epochs} epochs, device {device}", file=sys.stderr)
 
     step, skipped, best_acc, history, first_epoch = 0, 0, -1.0, [], 1
+    rollbacks, lr_scale = 0, 1.0
     if config.resume:
         state = load_checkpoint(config.resume)
         if (state["arch"], state["model_args"]) != (config.arch, model_args):
@@ -62,6 +65,7 @@ def train(config: TrainConfig) -> dict:
         torch.set_rng_state(state["rng"]["torch"])
         train_loader.generator.set_state(state["rng"]["loader"])
         step, skipped, best_acc, first_epoch = state["step"], state["skipped_steps"], state["best_val_acc"], state["epoch"] + 1
+        rollbacks, lr_scale = state["rollbacks"], state["lr_scale"]
         history = read_records(out / "metrics.jsonl")[: state["epoch"]]
         print(f"resuming from {config.resume} after epoch {state['epoch']}", file=sys.stderr)
     # the logs hold exactly the epochs and steps behind the weights: a new run starts them afresh
@@ -69,6 +73,10 @@ def train(config: TrainConfig) -> dict:
     kept_steps = [r for r in read_records(out / "steps.jsonl") if r["step"] <= step] if config.resume else []
     (out / "steps.jsonl").write_text("".join(json.dumps(record) + "\n" for record in kept_steps))
     steps_log = StepLog(out / "steps.jsonl", config.layer_norms_every)
+    applied_steps = [r for r in kept_steps if not r["skipped"] and "rollback" not in r]
+    grad_norms, total_clipped = [r["grad_norm"] for r in applied_steps], sum(r["clipped"] for r in applied_steps)
+    monitor = DivergenceMonitor(config.rollback_skips, config.rollback_window, config.rollback_loss_factor, len(classes))
+    good_state = snapshot(model, optimizer)
 
     for epoch in range(first_epoch, config.epochs + 1):
         model.train()
@@ -77,7 +85,7 @@ def train(config: TrainConfig) -> dict:
         for images, targets in train_loader:
             progress.update()
             images, targets = images.to(device), targets.to(device)
-            lr = learning_rate(step, total_steps, warmup_steps, config.lr)
+            lr = learning_rate(step, total_steps, warmup_steps, config.lr) * lr_scale
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step += 1
@@ -93,9 +101,10 @@ def train(config: TrainConfig) -> dict:
             # Clip (by global norm unless the config says otherwise); the norm is measured before.
             grad_norm, was_clipped = clip_gradients(model, config.clip, config.clip_threshold, len(classes))
             finite = math.isfinite(loss.item()) and math.isfinite(grad_norm)
+            diverging = monitor.observe(step, loss.item() if finite else None)
             steps_log.write(step=step, epoch=epoch, lr=lr, loss=loss.item() if finite else None,
                             grad_norm=grad_norm if finite else None, clipped=was_clipped, skipped=not finite,
-                            **({"layers": layers} if layers else {}))
+                            **({"layers": layers} if layers else {}), **({"rollback": diverging} if diverging else {}))
             # Non-finite guard: a NaN/inf loss or gradient would poison the weights and the
             # momentum buffers for good, so that step is skipped and counted instead.
             if not finite:
@@ -104,8 +113,25 @@ def train(config: TrainConfig) -> dict:
                     for buffer, saved in zip(model.buffers(), saved_buffers):
                         buffer.copy_(saved)
                 print(f"\n  step {step}: non-finite loss or gradient, step skipped", file=sys.stderr)
+            # Divergence: back to the last good weights and optimizer state, at a lower learning rate.
+            if diverging:
+                rollbacks += 1
+                if rollbacks > config.max_rollbacks:
+                    steps_log.close()
+                    raise TrainingDiverged(f"training diverged at step {step} ({diverging}) after {config.max_rollbacks} "
+                                           f"rollbacks; lower --lr, or see {out / 'steps.jsonl'}")
+                lr_scale *= config.rollback_lr_factor
+                restore(model, optimizer, good_state)
+                monitor.reset()
+                print(f"\n  step {step}: {diverging}: rolled back to the last good state, learning rate x{lr_scale:g}",
+                      file=sys.stderr)
+            if not finite or diverging:
                 continue
             optimizer.step()
+            grad_norms.append(grad_norm)
+            total_clipped += was_clipped
+            if step % config.snapshot_every == 0 and not monitor.recent_skips:
+                good_state = snapshot(model, optimizer)
 
             applied += 1
             clipped += was_clipped
@@ -119,7 +145,7 @@ def train(config: TrainConfig) -> dict:
             "epoch": epoch, "step": step, "lr": lr, "train_loss": loss_sum / max(seen, 1),
             "val_loss": val["loss"], "val_acc": val["acc"], "val_top5": val["top5"], "mean_grad_norm": norm_sum / max(applied, 1),
             "clip_rate": clipped / max(applied, 1),
-            "skipped_steps": skipped, "seconds": round(time.perf_counter() - started, 2),
+            "skipped_steps": skipped, "rollbacks": rollbacks, "seconds": round(time.perf_counter() - started, 2),
         }
         history.append(record)
         with open(out / "metrics.jsonl", "a") as log:
@@ -127,22 +153,25 @@ def train(config: TrainConfig) -> dict:
         print(f"epoch {epoch}/{config.epochs}  loss {record['train_loss']:.3f}  val_loss {val['loss']:.3f}  "
               f"val_acc {val['acc']:.3f}  grad_norm {record['mean_grad_norm']:.2f}  clipped {record['clip_rate']:.0%}  {record['seconds']}s", file=sys.stderr)
 
+        report = stability_report(grad_norms, total_clipped, skipped, rollbacks, model)
         payload = checkpoint_payload(
             model, arch=config.arch, model_args=model_args, labels=classes, preprocessing=spec.to_dict(),
-            config=config.to_dict(), metrics=record, epoch=epoch, optimizer=optimizer.state_dict(),
+            config=config.to_dict(), metrics=record, stability=report, epoch=epoch, optimizer=optimizer.state_dict(),
         )
-        if val["acc"] > best_acc:
+        if passes_gate(report):
+            good_state = snapshot(model, optimizer)
+        if val["acc"] > best_acc and passes_gate(report):
             best_acc = val["acc"]
             save_checkpoint(out / "best.pt", payload)
         # Everything an interrupted run needs to go on exactly as if it had not stopped; the step
         # log reaches the disk first, so it always covers what the checkpoint covers.
         steps_log.flush()
-        payload.update(step=step, skipped_steps=skipped, best_val_acc=best_acc,
+        payload.update(step=step, skipped_steps=skipped, best_val_acc=best_acc, rollbacks=rollbacks, lr_scale=lr_scale,
                        rng={"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state()})
         save_checkpoint(out / "last.pt", payload)
 
     steps_log.close()
-    summary = {"best_val_acc": best_acc, "epochs": config.epochs, "skipped_steps": skipped}
+    summary = {"best_val_acc": best_acc, "epochs": config.epochs, "stability": report}
     if find_images(data / "test"):  # the best checkpoint, once, on data it never selected on
         best = model_from_checkpoint(load_checkpoint(out / "best.pt")).to(device)
         test = evaluate(best, make_loader(ImageFolder(data / "test", classes, spec, False), config, False), device, classes)
@@ -156,6 +185,16 @@ def train(config: TrainConfig) -> dict:
     print(f"done: best val_acc {best_acc:.3f}" + (f", test_acc {summary['test_acc']:.3f}" if "test_acc" in summary else "")
           + f"; checkpoints in {out}", file=sys.stderr)
     return summary
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """An in-memory copy of the weights, batch-norm statistics and optimizer state."""
+    return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+
+
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))  # the snapshot stays reusable
 
 
 def read_records(path: Path) -> list[dict]:

@@ -1,0 +1,64 @@
+"""Divergence detection, rollback and the stability gate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from torch import nn
+
+from training.stability import DivergenceMonitor, TrainingDiverged, passes_gate, stability_report
+
+
+def test_skipped_steps_within_the_window_mean_divergence():
+    monitor = DivergenceMonitor(max_skips=3, window=10, loss_factor=5.0, num_classes=10)
+    assert monitor.observe(1, None) is None and monitor.observe(5, None) is None
+    assert monitor.observe(20, None) is None  # the first two fell out of the window
+    assert monitor.observe(21, None) is None
+    assert "3 non-finite steps within 10 steps" in monitor.observe(22, None)
+
+
+def test_a_loss_far_above_its_running_median_means_divergence_but_noise_does_not():
+    monitor = DivergenceMonitor(max_skips=5, window=50, loss_factor=5.0, num_classes=10)
+    for step in range(1, 41):
+        assert monitor.observe(step, 2.3 + 0.2 * (-1) ** step) is None
+    assert monitor.observe(41, 9.0) is None  # bad batch, below 5 x 2.3
+    assert "above 5x" in monitor.observe(42, 50.0)
+
+
+def test_late_in_training_a_hard_batch_is_not_a_divergence():
+    monitor = DivergenceMonitor(max_skips=5, window=50, loss_factor=5.0, num_classes=10)
+    for step in range(1, 101):
+        monitor.observe(step, 0.05)  # the median is tiny ...
+    assert monitor.observe(101, 1.5) is None  # ... but 30x it is still far below chance level x 5
+
+
+def test_stability_report_and_gate():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    report = stability_report([1.0, 2.0, 3.0, 10.0], clipped=1, skipped=2, rollbacks=1, model=model)
+    assert report["grad_norm_max"] == 10.0 and report["grad_norm_p50"] == 2.0 and report["clip_rate"] == 0.25
+    assert report["skipped_steps"] == 2 and report["rollbacks"] == 1 and passes_gate(report)
+    model[1].running_var.fill_(float("nan"))
+    assert not passes_gate(stability_report([1.0], 0, 0, 0, model))
+
+
+def test_a_run_that_keeps_diverging_gives_up_with_a_clear_error(tmp_path):
+    """Every loss NaN (zero std): skips, then rollbacks at a lower learning rate, then an error."""
+    from training.config import TrainConfig
+    from training.shapes import ShapesConfig, generate_dataset
+    from training.train import train
+
+    data = generate_dataset(tmp_path / "data", ShapesConfig(size=64, train_per_class=8, val_per_class=1,
+                                                            test_per_class=0), progress=False)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "run"), arch="alexnet_bn", width=0.125, image_size=64,
+                         resize=64, std=(0.0, 0.0, 0.0), epochs=3, batch_size=8, workers=0, rollback_skips=2,
+                         max_rollbacks=3)
+    with pytest.raises(TrainingDiverged, match="after 3 rollbacks"), np.errstate(all="ignore"):
+        train(config)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    rollbacks = [r for r in steps if "rollback" in r]
+    assert len(rollbacks) == 4 and all("non-finite" in r["rollback"] for r in rollbacks)
+    lrs = [r["lr"] for r in steps]
+    assert lrs[2] < lrs[1] and lrs[4] < lrs[3]  # each rollback halves the learning rate
+
