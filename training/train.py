@@ -80,7 +80,8 @@ def train(config: TrainConfig) -> dict:
 
     for epoch in range(first_epoch, config.epochs + 1):
         model.train()
-        started, loss_sum, norm_sum, clipped, applied, seen = time.perf_counter(), 0.0, 0.0, 0, 0, 0
+        started, loss_sum, seen = time.perf_counter(), 0.0, 0
+        epoch_norms_from, clipped_before = len(grad_norms), total_clipped
         progress = Progress(len(train_loader), f"epoch {epoch}/{config.epochs}", unit="steps", log_lines=0)
         for images, targets in train_loader:
             progress.update()
@@ -100,9 +101,10 @@ def train(config: TrainConfig) -> dict:
             layers = layer_grad_norms(model) if steps_log.wants_layers(step) else None
             # Clip (by global norm unless the config says otherwise); the norm is measured before.
             grad_norm, was_clipped = clip_gradients(model, config.clip, config.clip_threshold, len(classes))
-            finite = math.isfinite(loss.item()) and math.isfinite(grad_norm)
-            diverging = monitor.observe(step, loss.item() if finite else None)
-            steps_log.write(step=step, epoch=epoch, lr=lr, loss=loss.item() if finite else None,
+            loss_value = loss.item()
+            finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+            diverging = monitor.observe(step, loss_value if finite else None)
+            steps_log.write(step=step, epoch=epoch, lr=lr, loss=loss_value if finite else None,
                             grad_norm=grad_norm if finite else None, clipped=was_clipped, skipped=not finite,
                             **({"layers": layers} if layers else {}), **({"rollback": diverging} if diverging else {}))
             # Non-finite guard: a NaN/inf loss or gradient would poison the weights and the
@@ -130,21 +132,19 @@ def train(config: TrainConfig) -> dict:
             optimizer.step()
             grad_norms.append(grad_norm)
             total_clipped += was_clipped
+            loss_sum += loss_value * len(targets)
+            seen += len(targets)
             if step % config.snapshot_every == 0 and not monitor.recent_skips:
                 good_state = snapshot(model, optimizer)
 
-            applied += 1
-            clipped += was_clipped
-            norm_sum += grad_norm
-            loss_sum += loss.item() * len(targets)
-            seen += len(targets)
-
         progress.clear()
         val = evaluate(model, val_loader, device, classes)
+        epoch_norms = grad_norms[epoch_norms_from:]
         record = {
             "epoch": epoch, "step": step, "lr": lr, "train_loss": loss_sum / max(seen, 1),
-            "val_loss": val["loss"], "val_acc": val["acc"], "val_top5": val["top5"], "mean_grad_norm": norm_sum / max(applied, 1),
-            "clip_rate": clipped / max(applied, 1),
+            "val_loss": val["loss"], "val_acc": val["acc"], "val_top5": val["top5"],
+            "mean_grad_norm": sum(epoch_norms) / max(len(epoch_norms), 1),
+            "clip_rate": (total_clipped - clipped_before) / max(len(epoch_norms), 1),
             "skipped_steps": skipped, "rollbacks": rollbacks, "seconds": round(time.perf_counter() - started, 2),
         }
         history.append(record)
