@@ -136,6 +136,12 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert lrs[-1] < 0.001
 
 
+def test_step_schedule_decays_by_gamma_every_interval():
+    lrs = [learning_rate(step, 100, 10, 0.1, schedule="step", step_every=30, gamma=0.1) for step in range(100)]
+    assert lrs[9] == pytest.approx(0.1) and lrs[39] == pytest.approx(0.1)
+    assert lrs[40] == pytest.approx(0.01) and lrs[70] == pytest.approx(0.001)
+
+
 def test_cli_trains_inception_and_reports_bad_data(shapes_data, tmp_path):
     result = run_python("-m", "training", "--arch", "inception_v1_bn", "--data", str(shapes_data),
                         "--out", str(tmp_path / "run"), "--width", "0.125", "--image-size", "64", "--resize", "64",

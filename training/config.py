@@ -23,7 +23,10 @@ class TrainConfig:
     lr: float = 0.05  # peak learning rate, reached after the warmup
     momentum: float = 0.9  # SGD only
     weight_decay: float = 5e-4  # never applied to batch-norm parameters or biases
-    warmup_epochs: float = 1.0  # linear warmup, then cosine decay to zero
+    warmup_epochs: float = 1.0  # linear warmup to lr, then the schedule
+    schedule: str = "cosine"  # "cosine" (decay to zero at the end) or "step" (times step_gamma every step_epochs)
+    step_epochs: float = 30.0  # "step" schedule: epochs between decays
+    step_gamma: float = 0.1  # "step" schedule: factor applied at each decay
     label_smoothing: float = 0.1  # share of the target probability spread over all classes
     clip: str = "norm"  # gradient clipping: "norm" (global L2), "value" (per element), "agc" (unit-wise), "none"
     clip_threshold: float = 2.0  # max global norm ("norm"), max |g| ("value"), max |g|/|w| per unit ("agc": ~0.01-0.16)
@@ -45,6 +48,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', not {self.optimizer!r}")
+        if self.schedule not in ("cosine", "step"):
+            raise ValueError(f"schedule must be 'cosine' or 'step', not {self.schedule!r}")
         if self.clip not in CLIP_MODES:
             raise ValueError(f"clip must be one of {', '.join(CLIP_MODES)}, not {self.clip!r}")
         if self.clip != "none" and not self.clip_threshold > 0:

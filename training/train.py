@@ -86,7 +86,8 @@ def train(config: TrainConfig) -> dict:
         for images, targets in train_loader:
             progress.update()
             images, targets = images.to(device), targets.to(device)
-            lr = learning_rate(step, total_steps, warmup_steps, config.lr) * lr_scale
+            lr = lr_scale * learning_rate(step, total_steps, warmup_steps, config.lr, config.schedule,
+                                          round(config.step_epochs * len(train_loader)), config.step_gamma)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step += 1
@@ -216,10 +217,13 @@ def training_loss(outputs, targets, criterion, aux_weight: float) -> torch.Tenso
     return criterion(outputs, targets)
 
 
-def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
-    """Linear warmup to `peak`, then cosine decay to zero."""
+def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: str = "cosine",
+                  step_every: int = 0, gamma: float = 0.1) -> float:
+    """Linear warmup to `peak`, then cosine decay to zero, or `gamma` times every `step_every` steps."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
+    if schedule == "step":
+        return peak * gamma ** ((step - warmup_steps) // max(step_every, 1))
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     return peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
