@@ -212,6 +212,8 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(tmp_path):
     straight, again = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(interrupted / "last.pt")
     for name, tensor in straight["state_dict"].items():
         assert torch.equal(again["state_dict"][name], tensor), name
+    wrong = run_python(*args, "--out", str(interrupted), "--resume", str(interrupted / "best.pt"))
+    assert wrong.returncode == 2 and "use the run's last.pt" in wrong.stderr
     log = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in log] == [1, 2, 3, 4]
     steps = [json.loads(line)["step"] for line in (interrupted / "steps.jsonl").read_text().splitlines()]

@@ -26,9 +26,9 @@ from training.clipping import clip_gradients
 from training.config import TrainConfig
 from training.data import ImageFolder, find_classes
 from training.evaluation import evaluate, plot_confusion
+from training.models import build_model
 from training.monitor import StepLog, layer_grad_norms, plot_steps
 from training.stability import DivergenceMonitor, TrainingDiverged, passes_gate, stability_report
-from training.models import build_model
 
 
 def train(config: TrainConfig) -> dict:
@@ -36,7 +36,6 @@ def train(config: TrainConfig) -> dict:
     device = pick_device(config.device)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     data = Path(config.data)
     classes = find_classes(data / "train")
@@ -57,6 +56,8 @@ def train(config: TrainConfig) -> dict:
     rollbacks, lr_scale = 0, 1.0
     if config.resume:
         state = load_checkpoint(config.resume)
+        if "rng" not in state:
+            raise ValueError(f"{config.resume}: holds no training state to resume from (use the run's last.pt)")
         if (state["arch"], state["model_args"]) != (config.arch, model_args):
             raise ValueError(f"{config.resume}: was trained as {state['arch']} {state['model_args']}, "
                              f"not {config.arch} {model_args}")
@@ -68,6 +69,7 @@ def train(config: TrainConfig) -> dict:
         rollbacks, lr_scale = state["rollbacks"], state["lr_scale"]
         history = read_records(out / "metrics.jsonl")[: state["epoch"]]
         print(f"resuming from {config.resume} after epoch {state['epoch']}", file=sys.stderr)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     # the logs hold exactly the epochs and steps behind the weights: a new run starts them afresh
     (out / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
     kept_steps = [r for r in read_records(out / "steps.jsonl") if r["step"] <= step] if config.resume else []
