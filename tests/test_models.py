@@ -196,30 +196,22 @@ def test_conv_accepts_asymmetric_kernels():
 # --- Inception auxiliary heads ----------------------------------------------------------------
 
 
-def test_inception_aux_heads_only_in_training_mode():
-    model = build_model("inception_v1_bn", NUM_CLASSES, width=SMALL, aux_logits=True)
-    x = torch.randn(2, 3, 64, 64)
-    outputs = model.train()(x)
-    assert isinstance(outputs, tuple) and len(outputs) == 3
-    assert all(out.shape == (2, NUM_CLASSES) for out in outputs)
-    with torch.no_grad():
-        logits = model.eval()(x)
-    assert isinstance(logits, torch.Tensor) and logits.shape == (2, NUM_CLASSES)
-
-
 def test_inception_without_aux_returns_tensor_in_training_mode():
     model = build_model("inception_v1_bn", NUM_CLASSES, width=SMALL).train()
     logits = model(torch.randn(2, 3, 64, 64))
     assert isinstance(logits, torch.Tensor) and logits.shape == (2, NUM_CLASSES)
 
 
-def test_inception_v3_aux_head_only_in_training_mode():
-    model = build_model("inception_v3", NUM_CLASSES, width=TINY)
-    size = inception_v3_module.MIN_INPUT_SIZE_AUX
+@pytest.mark.parametrize("arch, width, size, outputs", [
+    ("inception_v1_bn", SMALL, 64, 3),  # logits + two aux heads
+    ("inception_v3", TINY, inception_v3_module.MIN_INPUT_SIZE_AUX, 2),  # logits + one aux head
+])
+def test_inception_aux_heads_only_in_training_mode(arch, width, size, outputs):
+    model = build_model(arch, NUM_CLASSES, width=width, aux_logits=True)
     x = torch.randn(2, 3, size, size)
-    outputs = model.train()(x)
-    assert isinstance(outputs, tuple) and len(outputs) == 2
-    assert all(out.shape == (2, NUM_CLASSES) for out in outputs)
+    trained = model.train()(x)
+    assert isinstance(trained, tuple) and len(trained) == outputs
+    assert all(out.shape == (2, NUM_CLASSES) for out in trained)
     with torch.no_grad():
         logits = model.eval()(x)
     assert isinstance(logits, torch.Tensor) and logits.shape == (2, NUM_CLASSES)
