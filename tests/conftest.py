@@ -15,18 +15,48 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Optional, for development only (CI leaves it unset): a folder where the data set and the tiny training
+# run are kept between pytest invocations, keyed by a hash of the code that makes them.
+CACHE = os.environ.get("KEEL_TEST_CACHE")
 # The quick-start recipe (Makefile TRAIN_ARGS) at test size: about a minute on 2 cores.
 TINY_TRAINING = dict(arch="alexnet_bn", width=0.25, model_args={"dropout": 0.0}, image_size=64, resize=64,
                      epochs=12, batch_size=64, optimizer="adamw", lr=0.003, weight_decay=0.05, label_smoothing=0.0,
                      min_crop_scale=0.8, workers=0, seed=0)
 
 
+def _cached(tmp_path_factory, name: str, sources: list[str], extra: str, make) -> Path:
+    """`make(folder)` into a fresh temporary folder, or into KEEL_TEST_CACHE/<name>-<hash of sources> once."""
+    if not CACHE:
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    import fcntl
+    import hashlib
+    import shutil
+
+    digest = hashlib.sha256(extra.encode())
+    for pattern in sources:
+        for path in sorted(REPO.glob(pattern)):
+            digest.update(path.read_bytes())
+    folder = Path(CACHE) / f"{name}-{digest.hexdigest()[:16]}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel pytest runs wait for one maker
+        if not (folder / ".done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            make(folder)
+            (folder / ".done").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory) -> Path:
     from training.shapes import ShapesConfig, generate_dataset
 
-    root = tmp_path_factory.mktemp("data") / "shapes"
-    return generate_dataset(root, ShapesConfig(size=64, train_per_class=500, val_per_class=20, test_per_class=20), progress=False)
+    config = ShapesConfig(size=64, train_per_class=500, val_per_class=20, test_per_class=20)
+    folder = _cached(tmp_path_factory, "data", ["training/shapes.py"], repr(config),
+                     lambda out: generate_dataset(out / "shapes", config, progress=False))
+    return folder / "shapes"
 
 
 @pytest.fixture(scope="session")
@@ -34,9 +64,8 @@ def trained_run(shapes_data, tmp_path_factory) -> Path:
     from training.config import TrainConfig
     from training.train import train
 
-    out = tmp_path_factory.mktemp("run")
-    train(TrainConfig(data=str(shapes_data), out=str(out), **TINY_TRAINING))
-    return out
+    return _cached(tmp_path_factory, "run", ["training/**/*.py", "service/preprocessing.py"], repr(TINY_TRAINING),
+                   lambda out: train(TrainConfig(data=str(shapes_data), out=str(out), **TINY_TRAINING)))
 
 
 @pytest.fixture(scope="session")
