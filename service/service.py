@@ -51,7 +51,9 @@ class InferenceEngine:
         log.info("serving model %s version %s from %s on %s", info.name, info.version, self.classifier.path,
                  self.classifier.provider)
 
-    @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
+    # KEEL_MAX_BATCH_SIZE=1 turns batching off: BentoML refuses a batchable API with max_batch_size 1.
+    @bentoml.api(batchable=CONFIG.max_batch_size > 1, max_batch_size=max(CONFIG.max_batch_size, 2),
+                 max_latency_ms=CONFIG.max_latency_ms)
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """N x 3 x S x S preprocessed float32 -> N x classes probabilities."""
         return self.classifier.predict(batch)
