@@ -27,7 +27,7 @@ SAMPLE_IMAGE := $(DATA)/test/star/00000.png
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: setup data train model serve test bento lock clean
+.PHONY: setup data train model serve test bento bench lock clean
 
 setup: $(STAMP)
 
@@ -66,6 +66,12 @@ test: $(STAMP)
 bento: $(MODEL)
 	$(PY) -m export $(RUN)/best.pt --out $(MODEL) --name $(MODEL_NAME) --bentoml $(MODEL_NAME)
 	$(BIN)/bentoml build
+
+# Every benchmark, then docs/benchmarks.md (benchmarks/__main__.py). Uses $(MODEL) and $(DATA) when they
+# exist, else makes a one-epoch model of the same architecture. Take it on a quiet machine: about 15 minutes.
+# QUICK=1: a smoke run of a few seconds per module into build/bench-quick/, leaving docs/ alone.
+bench: $(STAMP)
+	$(PY) -m benchmarks --model $(MODEL) --data $(DATA) $(if $(QUICK),--quick)
 
 # Refresh the pins of everything the direct requirements pull in (torch is pinned in train.txt).
 lock: $(STAMP)

@@ -1,0 +1,56 @@
+"""The peer Keel is measured against: the plainest server a user would write without Keel.
+
+A minimal Starlette app with one ONNX Runtime session, per-request inference and no batching,
+using Keel's own preprocessing so only the serving differs. The blocking work runs in Starlette's
+thread pool (`run_in_threadpool`), which is what FastAPI does for a plain `def` endpoint; ONNX
+Runtime keeps its default threads. Served by uvicorn with one worker:
+
+    PEER_MODEL=artifacts/model.onnx python -m uvicorn benchmarks.peer_server:app --port 8000
+
+It is deliberately naive (no upload cap, minimal error handling): it stands for the baseline in
+benchmarks/service_load.py, not for a second way to serve models.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from service.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_bytes
+
+session = ort.InferenceSession(os.environ.get("PEER_MODEL", "artifacts/model.onnx"),
+                               providers=["CPUExecutionProvider"])
+metadata = session.get_modelmeta().custom_metadata_map
+spec = PreprocessSpec.from_json(metadata["keel.preprocessing"])
+labels = __import__("json").loads(metadata["keel.labels"])
+
+
+def predict(data: bytes) -> list[dict]:
+    probabilities = session.run(None, {"input": preprocess_bytes(data, spec)[None]})[0][0]
+    best = np.argsort(-probabilities)[:5]
+    return [{"label": labels[i], "score": float(probabilities[i])} for i in best]
+
+
+async def classify(request: Request) -> JSONResponse:
+    form = await request.form()
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        return JSONResponse({"error": "no file field 'image'"}, status_code=400)
+    try:
+        return JSONResponse({"predictions": await run_in_threadpool(predict, await upload.read())})
+    except ImageDecodeError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+
+async def healthz(request: Request) -> JSONResponse:
+    return JSONResponse({"ok": True})
+
+
+app = Starlette(routes=[Route("/classify", classify, methods=["POST"]), Route("/healthz", healthz)])

@@ -1,0 +1,362 @@
+"""The service under load, against its in-process limit and against the plainest peer.
+
+`python -m benchmarks.service_load --model artifacts/model.onnx [--quick] --out docs/benchmarks`
+
+Starts each server for real on 127.0.0.1 and drives it with a closed-loop load generator
+(asyncio + aiohttp: `concurrency` clients, each sending its next request when the last one is
+answered), every run bounded by a request count and a time:
+- Keel as shipped (`bentoml serve`, adaptive batching, KEEL_* defaults);
+- Keel with batching off (KEEL_MAX_BATCH_SIZE=1);
+- Keel with tighter latency budgets (KEEL_MAX_LATENCY_MS), at the higher concurrencies;
+- the peer, benchmarks/peer_server.py under uvicorn (per-request inference, no batching).
+Every request is a multipart upload of a photo-like 500x375 JPEG, as `curl -F image=@...` sends.
+Per run: throughput of good answers, p50/p90/p99 latency, errors by status; per level, the
+batch sizes BentoML's batcher really formed (its histogram in /metrics, before minus after).
+The in-process pipeline (benchmarks/limit.py's, on the same JPEGs) is measured first; the
+service's throughput at saturation is reported as a share of it, and its p50 at concurrency 1
+as milliseconds added to it. The load generator shares the machine's cores with the server,
+as any loopback benchmark does: the numbers are for the whole machine, client included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import fmt, spread, write_results
+from benchmarks.limit import LimitConfig, bench_pipeline, photo_like
+
+NAME = "service_load"
+REPO = Path(__file__).resolve().parents[1]
+BATCH_METRIC = "bentoml_service_adaptive_batch_size"
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    model: str = "artifacts/model.onnx"  # an exported Keel model
+    concurrency: tuple[int, ...] = (1, 4, 16, 64)  # clients, each with one request in flight
+    repeats: int = 3  # runs per level; medians and spread over these
+    run_seconds: float = 4.0  # a run stops sending after this long...
+    max_requests: int = 5000  # ...or after this many requests, whichever comes first
+    warmup_requests: int = 64  # per level, untimed
+    budgets_ms: tuple[int, ...] = (10, 50)  # KEEL_MAX_LATENCY_MS values tried beside the default
+    budget_concurrency: tuple[int, ...] = (16, 64)
+    image: tuple[int, int] = (500, 375)  # JPEG size uploaded
+
+    @classmethod
+    def quick(cls, model: str) -> LoadConfig:
+        return cls(model=model, concurrency=(1, 16), repeats=2, run_seconds=0.3, max_requests=100,
+                   warmup_requests=4, budgets_ms=(), budget_concurrency=())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Launched:
+    """A server process in its own session on a free loopback port; always stopped on exit."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], ready_path: str, log_dir: Path, name: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.argv = [a.replace("{port}", str(self.port)) for a in argv]
+        self.env, self.ready_path, self.name = {**os.environ, **env}, ready_path, name
+        self.log_path = log_dir / f"{name}.log"
+
+    def __enter__(self) -> Launched:
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(self.argv, cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.__exit__()
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.__exit__()
+        raise TimeoutError(f"{self.name} not ready after 120 s:\n{self.tail()}")
+
+    def tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self.log.close()
+
+
+def keel(model: str, log_dir: Path, name: str, **env: str) -> Launched:
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    return Launched([bentoml, "serve", "service.service:Classifier", "--host", "127.0.0.1", "--port", "{port}"],
+                    {"KEEL_MODEL": str(Path(model).resolve()), "BENTOML_HOME": str(log_dir / "bentoml"),
+                     "BENTOML_DO_NOT_TRACK": "True", **env}, "/readyz", log_dir, name)
+
+
+def peer(model: str, log_dir: Path) -> Launched:
+    return Launched([sys.executable, "-m", "uvicorn", "benchmarks.peer_server:app", "--host", "127.0.0.1",
+                     "--port", "{port}"], {"PEER_MODEL": str(Path(model).resolve())}, "/healthz", log_dir, "peer")
+
+
+def multipart(data: bytes, field: str = "image") -> tuple[bytes, str]:
+    """A multipart body built once, so the client spends its CPU on sending, not encoding."""
+    boundary = uuid.uuid4().hex
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="photo.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+async def drive(url: str, bodies: list[tuple[bytes, str]], concurrency: int, seconds: float,
+                max_requests: int) -> dict:
+    """Closed-loop load: `concurrency` clients until `seconds` pass or `max_requests` are sent."""
+    import aiohttp
+
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    sent = 0
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        started = time.perf_counter()
+        deadline = started + seconds
+
+        async def client() -> None:
+            nonlocal sent
+            while sent < max_requests and time.perf_counter() < deadline:
+                body, content_type = bodies[sent % len(bodies)]
+                sent += 1
+                t0 = time.perf_counter()
+                try:
+                    async with session.post(url, data=body, headers={"Content-Type": content_type}) as response:
+                        await response.read()
+                        status = response.status
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    status = type(exc).__name__
+                if status == 200:
+                    latencies.append(time.perf_counter() - t0)
+                statuses[status] += 1
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    ms = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
+    return {"requests": sent, "ok": len(latencies), "seconds": elapsed, "throughput": len(latencies) / elapsed,
+            "p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+            "p99": float(np.percentile(ms, 99)),
+            "errors": {str(k): v for k, v in statuses.items() if k != 200}}
+
+
+def batch_histogram(url: str) -> dict[str, float]:
+    """BentoML's cumulative histogram of formed batch sizes: {le: count, 'sum': ..., 'count': ...}."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+            lines = response.read().decode().splitlines()
+    except OSError:
+        return {}
+    totals: Counter = Counter()
+    for line in lines:
+        if not line.startswith(BATCH_METRIC):
+            continue
+        name, value = line.rsplit(" ", 1)
+        if name.startswith(BATCH_METRIC + "_bucket"):
+            totals[name.split('le="', 1)[1].split('"', 1)[0]] += float(value)
+        elif name.startswith(BATCH_METRIC + "_sum"):
+            totals["sum"] += float(value)
+        elif name.startswith(BATCH_METRIC + "_count"):
+            totals["count"] += float(value)
+    return dict(totals)
+
+
+def batches_between(before: dict, after: dict) -> dict | None:
+    """Batches formed between two scrapes: how many, mean size, and the count per size bucket."""
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    if not delta.get("count"):
+        return None
+    buckets = sorted((float(k), v) for k, v in delta.items() if k not in ("sum", "count"))
+    per_bucket, below = {}, 0.0
+    for le, cumulative in buckets:  # cumulative -> per bucket
+        if cumulative - below:
+            per_bucket["+Inf" if le == float("inf") else f"<={le:g}"] = int(cumulative - below)
+        below = cumulative
+    return {"batches": int(delta["count"]), "mean_size": delta["sum"] / delta["count"], "per_bucket": per_bucket}
+
+
+def measure(server: Launched, bodies, config: LoadConfig, levels: tuple[int, ...]) -> list[dict]:
+    url = server.url + "/classify"
+    rows = []
+    for concurrency in levels:
+        asyncio.run(drive(url, bodies, concurrency, 30, config.warmup_requests))
+        before = batch_histogram(server.url)
+        runs = [asyncio.run(drive(url, bodies, concurrency, config.run_seconds, config.max_requests))
+                for _ in range(config.repeats)]
+        errors: Counter = Counter()
+        for run in runs:
+            errors.update(run["errors"])
+        row = {"concurrency": concurrency, "requests": sum(r["requests"] for r in runs), "errors": dict(errors),
+               "throughput": spread([r["throughput"] for r in runs]),
+               **{f"{p}_ms": spread([r[p] for r in runs if not np.isnan(r[p])] or [float("nan")])
+                  for p in ("p50", "p90", "p99")},
+               "batches": batches_between(before, batch_histogram(server.url))}
+        rows.append(row)
+        batch = f", mean batch {row['batches']['mean_size']:.1f}" if row["batches"] else ""
+        print(f"  {server.name} c={concurrency:3d}: {fmt(row['throughput'])} req/s, p50 {fmt(row['p50_ms'])} ms, "
+              f"p99 {fmt(row['p99_ms'])} ms, errors {sum(errors.values())}{batch}", file=sys.stderr)
+    return rows
+
+
+def run(config: LoadConfig, out: Path) -> dict:
+    from service.inference import OnnxClassifier
+
+    images = [photo_like(*config.image, seed) for seed in range(8)]
+    bodies = [multipart(data) for data in images]
+    print(f"service_load: in-process pipeline on {config.image[0]}x{config.image[1]} JPEGs", file=sys.stderr)
+    pipeline = bench_pipeline(OnnxClassifier(config.model, device="auto"), images,
+                              LimitConfig(repeats=config.repeats, run_seconds=min(config.run_seconds, 2.0),
+                                          pipeline_images=128 if config.repeats < 3 else 512))
+    print(f"  pipeline: {fmt(pipeline['images_per_s'])} images/s, one image {fmt(pipeline['single_image_ms'], 2)} ms",
+          file=sys.stderr)
+
+    servers = {}
+    with tempfile.TemporaryDirectory(prefix="keel-bench-") as tmp:
+        logs = Path(tmp)
+        plan = [("keel", "Keel (adaptive batching, defaults)", keel(config.model, logs, "keel"), config.concurrency),
+                ("keel_unbatched", "Keel, batching off (KEEL_MAX_BATCH_SIZE=1)",
+                 keel(config.model, logs, "keel_unbatched", KEEL_MAX_BATCH_SIZE="1"), config.concurrency),
+                ("peer", "Peer: Starlette + ONNX Runtime, uvicorn, per-request", peer(config.model, logs),
+                 config.concurrency)]
+        plan += [(f"keel_budget_{ms}ms", f"Keel, KEEL_MAX_LATENCY_MS={ms}",
+                  keel(config.model, logs, f"keel_budget_{ms}ms", KEEL_MAX_LATENCY_MS=str(ms)),
+                  config.budget_concurrency) for ms in config.budgets_ms]
+        for key, label, launcher, levels in plan:
+            with launcher as server:
+                servers[key] = {"label": label, "levels": measure(server, bodies, config, levels)}
+
+    keel_rows = servers["keel"]["levels"]
+    best = max(keel_rows, key=lambda r: r["throughput"]["median"])
+    c1 = next((r for r in keel_rows if r["concurrency"] == 1), None)
+    summary = {
+        "saturation_concurrency": best["concurrency"],
+        "saturation_ratio": best["throughput"]["median"] / pipeline["images_per_s"]["median"],
+        "added_p50_ms_at_1": (c1["p50_ms"]["median"] - pipeline["single_image_ms"]["median"]) if c1 else None,
+    }
+    for level in (r["concurrency"] for r in servers["peer"]["levels"]):
+        k = next(r for r in keel_rows if r["concurrency"] == level)
+        p = next(r for r in servers["peer"]["levels"] if r["concurrency"] == level)
+        summary[f"vs_peer_at_{level}"] = {"throughput_ratio": k["throughput"]["median"] / p["throughput"]["median"],
+                                          "p99_ratio": k["p99_ms"]["median"] / p["p99_ms"]["median"]}
+    results = {"config": asdict(config), "pipeline": pipeline, "servers": servers, "summary": summary}
+    plot(results, out / f"{NAME}.png")
+    return results
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, style in (("keel", "o-"), ("keel_unbatched", "s--"), ("peer", "^-")):
+        rows = results["servers"][key]["levels"]
+        x = [r["concurrency"] for r in rows]
+        for axis, metric in ((left, "throughput"), (right, "p99_ms")):
+            median = np.asarray([r[metric]["median"] for r in rows])
+            err = [median - [r[metric]["min"] for r in rows], np.asarray([r[metric]["max"] for r in rows]) - median]
+            axis.errorbar(x, median, yerr=err, fmt=style, capsize=3, label=results["servers"][key]["label"])
+    left.axhline(results["pipeline"]["images_per_s"]["median"], color="grey", linestyle=":",
+                 label="in-process pipeline (limit)")
+    left.set(title="Throughput (median, min–max bars)", xlabel="concurrent clients", ylabel="requests/s",
+             xscale="log", ylim=(0, None))
+    right.set(title="p99 latency (median, min–max bars)", xlabel="concurrent clients", ylabel="ms",
+              xscale="log", yscale="log")
+    for axis in (left, right):
+        axis.set_xticks(results["config"]["concurrency"], [str(c) for c in results["config"]["concurrency"]])
+        axis.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(results: dict) -> str:
+    config, summary, pipeline = results["config"], results["summary"], results["pipeline"]
+    lines = [
+        "### The service under load, and a peer",
+        "",
+        f"Closed-loop clients (asyncio + aiohttp, on the same machine) upload a {config['image'][0]}x"
+        f"{config['image'][1]} photo-like JPEG as multipart; each run stops after {config['run_seconds']:g} s or "
+        f"{config['max_requests']} requests; {config['repeats']} runs per level, median (min–max). "
+        "Throughput counts good answers only; latency is the client's, request sent to answer read. "
+        "\"batches\" is the mean batch size BentoML's adaptive batcher formed (from `/metrics`).",
+        "",
+        "| server | clients | requests/s | p50 ms | p90 ms | p99 ms | errors | batches |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, server in results["servers"].items():
+        for r in server["levels"]:
+            errors = sum(r["errors"].values())
+            error_text = f"{errors} ({', '.join(f'{k}: {v}' for k, v in r['errors'].items())})" if errors else "0"
+            batch = f"{r['batches']['mean_size']:.1f}" if r.get("batches") else "—"
+            lines.append(f"| {server['label']} | {r['concurrency']} | {fmt(r['throughput'], 0)} | {fmt(r['p50_ms'])} "
+                         f"| {fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} | {error_text} | {batch} |")
+    ratio = summary["saturation_ratio"]
+    lines += ["", f"- **Against the limit**: the in-process pipeline (preprocess + inference, same JPEGs) does "
+              f"{fmt(pipeline['images_per_s'], 0)} images/s; Keel peaks at {ratio:.0%} of it "
+              f"(at {summary['saturation_concurrency']} clients; target ≥ 80%: "
+              f"{'met' if ratio >= 0.8 else 'not met'})."]
+    if summary.get("added_p50_ms_at_1") is not None:
+        added = summary["added_p50_ms_at_1"]
+        lines.append(f"- **Added latency**: at 1 client Keel's p50 is {added:.1f} ms above the in-process "
+                     f"single-image time of {pipeline['single_image_ms']['median']:.2f} ms (target < 5 ms: "
+                     f"{'met' if added < 5 else 'not met'}).")
+    peers = [(int(k.rsplit("_", 1)[1]), v) for k, v in summary.items() if k.startswith("vs_peer_at_")]
+    if peers:
+        lines.append("- **Against the peer** (Keel / peer): " + "; ".join(
+            f"{c} clients: throughput ×{v['throughput_ratio']:.2f}, p99 ×{v['p99_ratio']:.2f}" for c, v in peers)
+            + ". Target at ≥ 16 clients: throughput above 1 and p99 below 1.")
+    lines += ["", f"![throughput and p99 vs concurrency](benchmarks/{NAME}.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.service_load", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=os.environ.get("KEEL_BENCH_MODEL", LoadConfig.model),
+                        help="exported .onnx model (default: $KEEL_BENCH_MODEL or %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="results folder")
+    parser.add_argument("--quick", action="store_true", help="a few seconds per server, for smoke checks")
+    args = parser.parse_args(argv)
+    if not Path(args.model).is_file():
+        parser.error(f"{args.model}: no such model file (make model, or --model PATH)")
+    config = LoadConfig.quick(args.model) if args.quick else LoadConfig(model=args.model)
+    path = write_results(args.out, NAME, {"quick": args.quick, **run(config, args.out)})
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
