@@ -1,26 +1,49 @@
 """Keel's HTTP service, read as a spec.
 
 Two BentoML services:
-- `InferenceEngine` owns the ONNX Runtime session (loaded once per worker, CUDA when available)
-  and exposes one batchable API: BentoML's adaptive batcher merges concurrent requests into one
-  N x 3 x S x S batch and splits the N x classes answer back.
+- `InferenceEngine` owns one ONNX Runtime session per served model (loaded and warmed once, CUDA
+  when obtained) and exposes one batchable API per model, `infer_<i>`: BentoML's adaptive batcher
+  merges concurrent requests for that model into one N x 3 x S x S batch and splits the
+  N x classes answer back. Models never share a batch.
 - `Classifier` is the public HTTP surface. It decodes and preprocesses each upload in its own
   worker (so the engine only ever sees ready tensors), calls the engine, and post-processes.
 
-Endpoints (BentoML's /healthz, /livez, /readyz, /metrics stay):
-  POST /classify   multipart field `image`, or a raw image/* body; query `top_k`
-                   -> {"model", "version", "predictions": [{"label", "score"}], "timing_ms"}
-  GET  /metadata   model name/version, labels, input size, preprocessing, provider, batching
-Errors are JSON {"error": "..."} with a 4xx status for anything the client sent wrong.
+Endpoints (BentoML's /healthz, /livez, /readyz, /metrics, /docs.json stay; /readyz is 503 until
+every model is loaded and warmed up):
+  POST /classify        one image: multipart field `image`, or a raw image/* body;
+                        `top_k`, `model` as query parameters (or multipart fields)
+                        -> {"model", "version", "predictions": [{"label", "score"}], "timing_ms"}
+  POST /classify_batch  several images, multipart, one file part each (any field name, e.g. `images`)
+                        -> {"model", "version", "results": [{"filename", "predictions"} or
+                            {"filename", "error"}, ... in upload order], "timing_ms"}
+  GET  /metadata        every model: name/version, labels, input size, preprocessing, provider,
+                        batching; `?model=NAME` for one; the default model's fields at top level
+  /v2/...               the Open Inference Protocol, see service/v2.py
+Errors are JSON {"error": "..."}: 400 bad input, 404 unknown model, 413 too large, 415 content
+type, 429 too many requests in progress (KEEL_MAX_CONCURRENCY), 503 engine not ready, shedding
+load, or past the request timeout (KEEL_REQUEST_TIMEOUT_S).
 
-Configuration: environment variables, see service/config.py (KEEL_MODEL picks the model).
+Interface for code running in the Classifier (v2.py, tasks):
+  self.models: dict[str, ModelInfo]     serving name -> metadata (ModelInfo.name is the serving name)
+  self.default_model: str               used when a request names no model
+  await self.infer(model, batch)        N x 3 x S x S float32, already preprocessed for that model
+                                        -> N x classes probabilities, through that model's batcher;
+                                        raises KeyError (unknown model), EngineUnavailable (-> 503)
+  self.model_or_404(name) / error(...)  helpers for handlers
+
+Configuration: environment variables, all in service/config.py (KEEL_MODEL or KEEL_MODELS pick
+the models).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
+import signal
 import time
+from pathlib import Path
 
 import aiohttp  # BentoML's transport between services
 import bentoml
@@ -31,114 +54,302 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from service.config import ServiceConfig
-from service.inference import OnnxClassifier, resolve_model, top_k
+from service.inference import ModelInfo, ModelLoadError, OnnxClassifier, batch_buckets, read_model_info, resolve_model, top_k
 from service.preprocessing import ImageDecodeError, preprocess_bytes
-from service.uploads import UploadError, read_image
+from service.uploads import UploadError, read_upload
 
-CONFIG = ServiceConfig.from_env()
-# Resolved at import, which `bentoml serve` does before starting any worker: a missing model is
-# one clear error and a non-zero exit, not workers that fail and get respawned forever.
-MODEL_PATH = resolve_model(CONFIG.model)
 log = logging.getLogger("bentoml.keel")  # BentoML's server logging shows its own hierarchy at INFO
 ENGINE_ATTEMPTS = 3  # see Classifier.infer
 
 
-@bentoml.service(name="keel-engine", traffic={"timeout": 60})
+def load_catalogue(config: ServiceConfig) -> tuple[dict[str, tuple[Path, ModelInfo]], str]:
+    """Serving name -> (model file, metadata), and the default model's name.
+
+    Runs at import, which `bentoml serve` does before starting any worker: a missing or foreign
+    model is one clear error and a non-zero exit, not workers that fail and get respawned forever.
+    """
+    catalogue: dict[str, tuple[Path, ModelInfo]] = {}
+    for name, reference in config.model_refs():
+        path = resolve_model(reference)
+        info = read_model_info(path)
+        name = name or info.name
+        if name in catalogue:
+            raise ModelLoadError(f"two models are served under the name {name!r}; name them in KEEL_MODELS")
+        catalogue[name] = (path, dataclasses.replace(info, name=name))
+    default = config.default_model or next(iter(catalogue))
+    if default not in catalogue:
+        raise ValueError(f"KEEL_DEFAULT_MODEL {default!r} is not a served model ({', '.join(catalogue)})")
+    return catalogue, default
+
+
+CONFIG = ServiceConfig.from_env()
+CATALOGUE, DEFAULT_MODEL = load_catalogue(CONFIG)
+ENGINE_APIS = {name: f"infer_{index}" for index, name in enumerate(CATALOGUE)}  # one batcher per model
+# KEEL_MAX_BATCH_SIZE=1 turns batching off: BentoML refuses a batchable API with max_batch_size 1.
+BATCHING = CONFIG.max_batch_size > 1
+WARMUP_SIZES = batch_buckets(CONFIG.max_batch_size)  # the sizes the batcher forms on GPU (all of them padded)
+# BentoML's own per-request timeout (504) is a backstop behind ours, which answers with a clear 503 first.
+TRAFFIC_TIMEOUT_S = CONFIG.request_timeout_s + 10
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine could not answer in time (starting, overloaded, restarting): the client may retry (503)."""
+
+
 class InferenceEngine:
     def __init__(self) -> None:
-        self.classifier = OnnxClassifier(MODEL_PATH, CONFIG.device)
-        info = self.classifier.info
-        log.info("serving model %s version %s from %s on %s", info.name, info.version, self.classifier.path,
-                 self.classifier.provider)
-
-    # KEEL_MAX_BATCH_SIZE=1 turns batching off: BentoML refuses a batchable API with max_batch_size 1.
-    @bentoml.api(batchable=CONFIG.max_batch_size > 1, max_batch_size=max(CONFIG.max_batch_size, 2),
-                 max_latency_ms=CONFIG.max_latency_ms)
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """N x 3 x S x S preprocessed float32 -> N x classes probabilities."""
-        return self.classifier.predict(batch)
+        try:
+            self.sessions = {
+                name: OnnxClassifier(path, CONFIG.device, CONFIG.cpu_threads, CONFIG.tensorrt, CONFIG.max_batch_size)
+                for name, (path, _) in CATALOGUE.items()
+            }
+            # Readiness waits for this: no request pays for first-run allocations or cuDNN searches.
+            self.warmup_ms = {name: session.warm_up(WARMUP_SIZES) for name, session in self.sessions.items()}
+        except ModelLoadError as exc:
+            stop_server(str(exc))
+        for name, session in self.sessions.items():
+            log.info("serving model %s (version %s) from %s on %s", name, session.info.version, session.path,
+                     session.provider)
+        if CONFIG.warmup_delay_s:
+            time.sleep(CONFIG.warmup_delay_s)
 
     @bentoml.api
-    def provider(self) -> str:
-        return self.classifier.provider
+    def describe(self) -> dict:
+        """What each session really runs on, for /metadata."""
+        return {name: {"provider": session.provider, "providers": session.providers,
+                       "cpu_threads": session.threads, "batch_buckets": session.buckets,
+                       "warmup_ms": {str(size): ms for size, ms in self.warmup_ms[name].items()}}
+                for name, session in self.sessions.items()}
+
+
+def _infer_api(name: str):
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.sessions[name].predict(batch)
+
+    infer.__name__ = infer.__qualname__ = ENGINE_APIS[name]
+    infer.__doc__ = f"Model {name!r}: N x 3 x S x S preprocessed float32 -> N x classes probabilities."
+    return bentoml.api(batchable=BATCHING, max_batch_size=max(CONFIG.max_batch_size, 2),
+                       max_latency_ms=CONFIG.max_latency_ms)(infer)
+
+
+# One batchable API per model, added before BentoML collects the class's APIs.
+for _name, _api in ENGINE_APIS.items():
+    setattr(InferenceEngine, _api, _infer_api(_name))
+InferenceEngine = bentoml.service(name="keel-engine", traffic={"timeout": TRAFFIC_TIMEOUT_S})(InferenceEngine)
+
+
+def stop_server(message: str) -> None:
+    """A model that cannot run where asked (KEEL_DEVICE=cuda without a GPU...) must stop the whole
+    server with one clear message: BentoML would otherwise respawn this worker forever behind a
+    /livez that says alive. The worker's parent is `bentoml serve`'s process manager."""
+    log.error("keel: cannot start: %s", message)
+    os.kill(os.getppid(), signal.SIGTERM)
+    raise SystemExit(message)
 
 
 async def classify(request: Request) -> JSONResponse:
     return await bentoml.get_current_service().classify(request)
 
 
+async def classify_batch(request: Request) -> JSONResponse:
+    return await bentoml.get_current_service().classify_batch(request)
+
+
 async def metadata(request: Request) -> JSONResponse:
-    return await bentoml.get_current_service().metadata()
+    return await bentoml.get_current_service().metadata(request)
 
 
 http = Starlette(routes=[
     Route("/classify", classify, methods=["POST"]),
+    Route("/classify_batch", classify_batch, methods=["POST"]),
     Route("/metadata", metadata, methods=["GET"]),
 ])
 
 
+class RequestError(Exception):
+    """A request we answer with `status` and {"error": message}."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
 @bentoml.asgi_app(http)
-@bentoml.service(name="keel", workers=CONFIG.workers, traffic={"timeout": 60})
+@bentoml.service(name="keel", workers=CONFIG.workers,
+                 traffic={"timeout": TRAFFIC_TIMEOUT_S, "max_concurrency": CONFIG.max_concurrency})
 class Classifier:
     engine = bentoml.depends(InferenceEngine)
 
     def __init__(self) -> None:
-        # Labels and preprocessing come from the model file itself, read once per worker.
-        # (The session here only reads metadata; the engine holds the one that runs.)
-        self.info = OnnxClassifier(MODEL_PATH, device="cpu").info
+        # Labels and preprocessing come from the model files themselves (read at import).
+        self.models: dict[str, ModelInfo] = {name: info for name, (_, info) in CATALOGUE.items()}
+        self.default_model = DEFAULT_MODEL
+        self.info = self.models[DEFAULT_MODEL]  # the single-model interface, kept for existing callers
+        self.runtime: dict | None = None  # the engine's describe(), once it has answered
+
+    async def __is_ready__(self) -> bool:
+        """Ready once the engine has loaded and warmed every model (its __init__ does both, and it
+        answers nothing before); BentoML's /readyz answers 503 until then."""
+        if self.runtime is None:
+            try:
+                self.runtime = await asyncio.wait_for(self.engine.to_async.describe(), 5)
+            except Exception:  # not listening yet, or still starting
+                return False
+        return True
+
+    async def infer(self, model: str, batch: np.ndarray) -> np.ndarray:
+        """N x 3 x S x S float32 -> N x classes probabilities, through `model`'s adaptive batcher."""
+        call = getattr(self.engine.to_async, ENGINE_APIS[model])  # KeyError: not a served model
+        try:
+            async with asyncio.timeout(CONFIG.request_timeout_s):
+                # BentoML's client to the engine pools keep-alive connections, and under bursts a
+                # pooled connection is sometimes already being closed by the engine ("Server
+                # disconnected"); inference is idempotent, so such a request is sent again.
+                for attempt in range(ENGINE_ATTEMPTS):
+                    try:
+                        return await call(batch)
+                    except aiohttp.ClientConnectionError:
+                        if attempt == ENGINE_ATTEMPTS - 1:
+                            raise
+        except TimeoutError:
+            raise EngineUnavailable(f"no answer within the request timeout of {CONFIG.request_timeout_s:g} s") from None
+        except Exception as exc:  # shed by the batcher (503), engine restarting or still starting
+            log.warning("inference failed: %r", exc)
+            raise EngineUnavailable(f"inference engine unavailable ({type(exc).__name__})") from None
+
+    def model_or_404(self, name: str | None) -> ModelInfo:
+        if not name:
+            return self.models[self.default_model]
+        if name not in self.models:
+            raise RequestError(f"unknown model {name!r}; served: {', '.join(self.models)}", 404)
+        return self.models[name]
 
     async def classify(self, request: Request) -> JSONResponse:
-        started = time.perf_counter()
-        try:
-            k = int(request.query_params.get("top_k", CONFIG.top_k))
-            if k < 1:
-                raise ValueError
-        except ValueError:
-            return error(f"top_k must be a positive integer, not {request.query_params.get('top_k')!r}")
-        try:
-            data = await read_image(request, CONFIG.max_upload_bytes)
-            tensor = await asyncio.to_thread(preprocess_bytes, data, self.info.preprocessing, CONFIG.max_pixels)
-        except UploadError as exc:
-            return error(str(exc), exc.status)
-        except ImageDecodeError as exc:
-            return error(str(exc))
+        return await answer(self._classify(request, time.perf_counter()))
+
+    async def _classify(self, request: Request, started: float) -> dict:
+        model = self.model_or_404(request.query_params.get("model"))  # 404 before reading any upload
+        k = top_k_param(request.query_params.get("top_k"))
+        upload = await read_upload(request, CONFIG.max_upload_bytes)
+        model = self.model_or_404(upload.fields.get("model", model.name))
+        k = top_k_param(upload.fields.get("top_k")) if "top_k" in upload.fields else k
+        tensor = await self.preprocess(upload.files[0][1], model)
         preprocessed = time.perf_counter()
-        try:
-            probabilities = await self.infer(tensor[None])
-        except Exception as exc:  # overloaded, timed out or restarting: the client may retry
-            log.warning("inference failed: %r", exc)
-            return error(f"inference engine unavailable, retry later ({type(exc).__name__})", 503)
+        probabilities = await self.infer(model.name, tensor[None])
         done = time.perf_counter()
-        return JSONResponse({
-            "model": self.info.name,
-            "version": self.info.version,
-            "predictions": top_k(probabilities[0], self.info.labels, k),
+        return {
+            "model": model.name, "version": model.version,
+            "predictions": top_k(probabilities[0], model.labels, k),
             "timing_ms": {"preprocess": ms(started, preprocessed), "inference": ms(preprocessed, done),
                           "total": ms(started, done)},
-        })
+        }
 
-    async def infer(self, batch: np.ndarray) -> np.ndarray:
-        # BentoML's client to the engine pools keep-alive connections, and under bursts a pooled
-        # connection is sometimes already being closed by the engine ("Server disconnected");
-        # inference is idempotent, so such a request is sent again on a fresh connection.
-        for attempt in range(ENGINE_ATTEMPTS):
-            try:
-                return await self.engine.to_async.infer(batch)
-            except aiohttp.ClientConnectionError:
-                if attempt == ENGINE_ATTEMPTS - 1:
-                    raise
+    async def classify_batch(self, request: Request) -> JSONResponse:
+        return await answer(self._classify_batch(request, time.perf_counter()))
 
-    async def metadata(self) -> JSONResponse:
-        return JSONResponse({
-            **self.info.to_dict(),
-            "provider": await self.engine.to_async.provider(),
-            "batching": {"max_batch_size": CONFIG.max_batch_size, "max_latency_ms": CONFIG.max_latency_ms},
-            "limits": {"max_upload_bytes": CONFIG.max_upload_bytes, "max_pixels": CONFIG.max_pixels},
-        })
+    async def _classify_batch(self, request: Request, started: float) -> dict:
+        model = self.model_or_404(request.query_params.get("model"))
+        k = top_k_param(request.query_params.get("top_k"))
+        upload = await read_upload(request, CONFIG.max_upload_bytes, CONFIG.max_batch_images, None, raw_body=False)
+        model = self.model_or_404(upload.fields.get("model", model.name))
+        k = top_k_param(upload.fields.get("top_k")) if "top_k" in upload.fields else k
+        # Each image on its own: one bad upload is one error entry, not a failed request.
+        tensors = await asyncio.gather(*(self.preprocess(data, model, raise_=False) for _, data in upload.files))
+        good = [i for i, tensor in enumerate(tensors) if isinstance(tensor, np.ndarray)]
+        preprocessed = time.perf_counter()
+        probabilities: dict[int, np.ndarray] = {}
+        if good:
+            # Chunks of at most one batcher batch, sent concurrently: they may share batches with
+            # other requests' images, and never exceed what the engine was warmed up for.
+            size = CONFIG.max_batch_size
+            chunks = [good[i:i + size] for i in range(0, len(good), size)]
+            answers = await asyncio.gather(*(self.infer(model.name, np.stack([tensors[i] for i in chunk]))
+                                             for chunk in chunks))
+            for chunk, result in zip(chunks, answers):
+                probabilities.update(zip(chunk, result))
+        done = time.perf_counter()
+        results = []
+        for i, (filename, _) in enumerate(upload.files):
+            if i in probabilities:
+                results.append({"filename": filename, "predictions": top_k(probabilities[i], model.labels, k)})
+            else:
+                results.append({"filename": filename, "error": tensors[i]})
+        return {
+            "model": model.name, "version": model.version, "results": results,
+            "timing_ms": {"preprocess": ms(started, preprocessed), "inference": ms(preprocessed, done),
+                          "total": ms(started, done)},
+        }
+
+    async def preprocess(self, data: bytes, model: ModelInfo, raise_: bool = True) -> np.ndarray | str:
+        """Decode + preprocess off the event loop (Pillow releases the GIL); a bad image raises a
+        400 RequestError, or with raise_=False comes back as its error message."""
+        try:
+            return await asyncio.to_thread(preprocess_bytes, data, model.preprocessing, CONFIG.max_pixels,
+                                           CONFIG.jpeg_draft)
+        except ImageDecodeError as exc:
+            if raise_:
+                raise RequestError(str(exc)) from None
+            return str(exc)
+
+    async def metadata(self, request: Request) -> JSONResponse:
+        try:
+            selected = request.query_params.get("model")
+            names = [self.model_or_404(selected).name] if selected else list(self.models)
+        except RequestError as exc:
+            return error(str(exc), exc.status)
+        if self.runtime is None and not await self.__is_ready__():
+            return error("inference engine is still starting; retry later", 503)
+        models = {name: self.describe(name) for name in names}
+        default = models.get(self.default_model) or next(iter(models.values()))
+        return JSONResponse({**default, "default_model": self.default_model, "models": models,
+                             "service": {"workers": CONFIG.workers, "request_timeout_s": CONFIG.request_timeout_s,
+                                         "max_concurrency": CONFIG.max_concurrency, "device": CONFIG.device,
+                                         "tensorrt": CONFIG.tensorrt}})
+
+    def describe(self, name: str) -> dict:
+        runtime = self.runtime[name]
+        return {
+            **self.models[name].to_dict(),
+            "provider": runtime["provider"], "providers": runtime["providers"],
+            "cpu_threads": runtime["cpu_threads"],
+            "batching": {"enabled": BATCHING, "max_batch_size": CONFIG.max_batch_size,
+                         "max_latency_ms": CONFIG.max_latency_ms, "warmed_up_batch_sizes": WARMUP_SIZES,
+                         "padded_to": runtime["batch_buckets"], "warmup_ms": runtime["warmup_ms"]},
+            "limits": {"max_upload_bytes": CONFIG.max_upload_bytes, "max_pixels": CONFIG.max_pixels,
+                       "max_batch_images": CONFIG.max_batch_images, "jpeg_draft": CONFIG.jpeg_draft},
+        }
 
 
-def error(message: str, status: int = 400) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+async def answer(work) -> JSONResponse:
+    """The JSON answer of a request handler's coroutine, every failure mapped to a JSON error."""
+    try:
+        async with asyncio.timeout(CONFIG.request_timeout_s):
+            return JSONResponse(await work)
+    except RequestError as exc:
+        return error(str(exc), exc.status)
+    except UploadError as exc:
+        return error(str(exc), exc.status)
+    except EngineUnavailable as exc:
+        return error(f"{exc}; retry later", 503, retry=True)
+    except TimeoutError:
+        return error(f"request not answered within the timeout of {CONFIG.request_timeout_s:g} s; retry later",
+                     503, retry=True)
+
+
+def top_k_param(raw: str | None) -> int:
+    if raw is None:
+        return CONFIG.top_k
+    try:
+        k = int(raw)
+        if k < 1:
+            raise ValueError
+    except ValueError:
+        raise RequestError(f"top_k must be a positive integer, not {raw!r}") from None
+    return k
+
+
+def error(message: str, status: int = 400, retry: bool = False) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers={"Retry-After": "1"} if retry else None)
 
 
 def ms(start: float, end: float) -> float:

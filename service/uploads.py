@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartParser
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 
@@ -30,27 +31,53 @@ async def capped_body(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def read_image(request: Request, max_bytes: int, field: str = "image") -> bytes:
-    """Image bytes from a multipart upload (`field`) or from a raw `image/*` body."""
+@dataclass
+class Upload:
+    """What a request carried: its image files in body order, and its plain form fields."""
+
+    files: list[tuple[str, bytes]] = field(default_factory=list)  # (filename, bytes)
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+async def read_upload(request: Request, max_bytes: int, max_files: int = 1, file_field: str | None = "image",
+                      raw_body: bool = True) -> Upload:
+    """The image(s) of a multipart body (the parts named `file_field`, or every file part when it
+    is None), or of a raw `image/*` body when `raw_body`; refused with 413 past `max_bytes`."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        parser = MultiPartParser(request.headers, capped_body(request, max_bytes), max_files=1, max_fields=16)
+        parser = MultiPartParser(request.headers, capped_body(request, max_bytes), max_files=max_files,
+                                 max_fields=16)
         try:
             form = await parser.parse()
         except UploadError:
             raise
+        except MultiPartException as exc:
+            if "Too many files" in exc.message:
+                raise UploadError(f"too many images: at most {max_files} per request") from None
+            raise UploadError(f"malformed multipart body: {exc.message}") from None
         except Exception as exc:  # python-multipart and Starlette raise several kinds
             raise UploadError(f"malformed multipart body: {exc}") from None
         try:
-            upload = form.get(field)
-            if not isinstance(upload, UploadFile):
-                raise UploadError(f"multipart body has no file field named {field!r}")
-            return await upload.read()
+            upload = Upload()
+            for name, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    if file_field is None or name == file_field:
+                        upload.files.append((value.filename or name, await value.read()))
+                else:
+                    upload.fields[name] = value
         finally:
             await form.close()
-    if content_type.startswith("image/") or content_type == "application/octet-stream":
-        return b"".join([chunk async for chunk in capped_body(request, max_bytes)])
-    raise UploadError(
-        f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data with a file "
-        f"field {field!r}, or the raw image with an image/* content type", 415,
-    )
+        if not upload.files:
+            wanted = f"named {file_field!r}" if file_field else "(one per image)"
+            raise UploadError(f"multipart body has no file field {wanted}")
+        return upload
+    if raw_body and (content_type.startswith("image/") or content_type == "application/octet-stream"):
+        return Upload(files=[("body", b"".join([chunk async for chunk in capped_body(request, max_bytes)]))])
+    how = (f"multipart/form-data with a file field {file_field!r}, or the raw image with an image/* content type"
+           if raw_body else "multipart/form-data with one file part per image")
+    raise UploadError(f"unsupported content type {content_type or '(none)'!r}: send {how}", 415)
+
+
+async def read_image(request: Request, max_bytes: int, field: str = "image") -> bytes:
+    """Image bytes from a multipart upload (`field`) or from a raw `image/*` body."""
+    return (await read_upload(request, max_bytes, 1, field)).files[0][1]
