@@ -43,6 +43,8 @@ class ModelInfo:
     checkpoint_sha256: str = ""
     exported_at: str = ""
     metrics: dict = field(default_factory=dict)
+    precision: str = "fp32"  # fp32, or the export variant (fp16, int8); older exports are fp32
+    stability: dict = field(default_factory=dict)  # the training run's stability report
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str], source: str | Path) -> ModelInfo:
@@ -55,7 +57,8 @@ class ModelInfo:
             labels=tuple(json.loads(props["labels"])),
             preprocessing=PreprocessSpec.from_json(props["preprocessing"]),
             checkpoint_sha256=props.get("checkpoint_sha256", ""), exported_at=props.get("exported_at", ""),
-            metrics=json.loads(props.get("metrics", "{}")),
+            metrics=json.loads(props.get("metrics", "{}")), precision=props.get("precision", "fp32"),
+            stability=json.loads(props.get("stability", "{}")),
         )
 
     def to_dict(self) -> dict:
@@ -63,7 +66,8 @@ class ModelInfo:
             "name": self.name, "version": self.version, "arch": self.arch, "labels": list(self.labels),
             "input_size": [self.preprocessing.crop, self.preprocessing.crop],
             "preprocessing": self.preprocessing.to_dict(), "checkpoint_sha256": self.checkpoint_sha256,
-            "exported_at": self.exported_at, "metrics": self.metrics,
+            "exported_at": self.exported_at, "metrics": self.metrics, "precision": self.precision,
+            "stability": self.stability,
         }
 
 
