@@ -1,4 +1,4 @@
-"""`python -m export CHECKPOINT --out model.onnx [--samples DIR] [--name NAME] [--bentoml NAME]`."""
+"""`python -m export CHECKPOINT --out model.onnx [--fp16] [--int8] [--bentoml NAME] ...` (see --help)."""
 
 from __future__ import annotations
 
@@ -6,25 +6,56 @@ import argparse
 import sys
 from pathlib import Path
 
-from export.onnx_export import OPSET, ExportError, export_checkpoint, save_to_bentoml
+from export.onnx_export import OPSET, ExportConfig, ExportError, export_checkpoint, save_to_bentoml
 from training.checkpoint import CheckpointError
+
+DEFAULTS = ExportConfig()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export", description="Export a Keel checkpoint to a verified ONNX model.")
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description=f"Export a Keel checkpoint to a verified ONNX model (opset {OPSET}, batch norm folded), "
+                    "optionally with fp16 and int8 variants beside it.")
     parser.add_argument("checkpoint", type=Path, help="a checkpoint written by `python -m training` (e.g. RUN_DIR/best.pt)")
-    parser.add_argument("--out", type=Path, required=True, help="where to write the .onnx file (a .parity.json lands beside it)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="where to write the .onnx file; its .parity.json and any variants (NAME.fp16.onnx, "
+                             "NAME.int8.onnx) land beside it")
+    parser.add_argument("--name", default=None, help="model name recorded in the metadata (default: the arch)")
     parser.add_argument("--samples", type=Path, default=None,
                         help="image folder for the parity check (default: the training data's val/ split)")
-    parser.add_argument("--name", default=None, help="model name recorded in the metadata (default: the arch)")
-    parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default: {OPSET})")
-    parser.add_argument("--bentoml", metavar="NAME", default=None, help="also save the model to the BentoML model store as NAME")
+    parser.add_argument("--fp16", action="store_true",
+                        help="also write a float16 variant for the CUDA provider (input and output stay float32)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write a statically quantized int8 variant (QDQ, per-channel) for the CPU")
+    parser.add_argument("--test-images", type=Path, default=None,
+                        help="labelled ImageFolder split on which variants' top-1 accuracy is compared with fp32 "
+                             "(default: the training data's test/ split)")
+    parser.add_argument("--calibration-images", type=Path, default=None,
+                        help="images for int8 calibration (default: the training data's train/ split)")
+    parser.add_argument("--calibration-count", type=int, default=DEFAULTS.calibration_count,
+                        help=f"calibration images used, spread over the classes (default: {DEFAULTS.calibration_count})")
+    parser.add_argument("--max-accuracy-drop", type=float, default=DEFAULTS.max_accuracy_drop,
+                        help="refuse a variant whose test top-1 is more than this below fp32's, as a fraction "
+                             f"(default: {DEFAULTS.max_accuracy_drop}, i.e. {100 * DEFAULTS.max_accuracy_drop:g} point)")
+    parser.add_argument("--bentoml", metavar="NAME", default=None,
+                        help="also save the model, its variants and parity reports to the BentoML model store as NAME")
     args = parser.parse_args(argv)
 
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731 - progress goes to stderr
     try:
-        export_checkpoint(args.checkpoint, args.out, args.samples, args.name, args.opset, log=log)
+        config = ExportConfig(
+            name=args.name, samples=str(args.samples) if args.samples else None, fp16=args.fp16, int8=args.int8,
+            test_images=str(args.test_images) if args.test_images else None,
+            calibration_images=str(args.calibration_images) if args.calibration_images else None,
+            calibration_count=args.calibration_count, max_accuracy_drop=args.max_accuracy_drop,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        export_checkpoint(args.checkpoint, args.out, config, log=log)
         if args.bentoml:
+            log(f"[+] saving to the BentoML model store as {args.bentoml}")
             save_to_bentoml(args.out, args.bentoml, log=log)
     except (CheckpointError, ExportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
