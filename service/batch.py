@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.inference import ModelInfo, ModelLoadError, OnnxClassifier, resolve_model, top_k
+from service.inference import ModelLoadError, OnnxClassifier, read_model_info, resolve_model, top_k
 from service.preprocessing import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, PreprocessSpec, find_images, preprocess_bytes
 from service.progress import Progress
 
@@ -68,6 +68,7 @@ class BatchConfig:
     top_k: int = 5  # predictions per image
     device: str = "auto"  # auto | cuda | cpu
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images (by their header) become error rows
+    jpeg_draft: bool = True  # reduced-size decode of large JPEGs, as the service does (KEEL_JPEG_DRAFT)
     resume: bool = False  # skip inputs already in the output instead of starting it afresh
     engine: str = "local"  # local | ray
     ray_address: str | None = None  # ray engine: None starts a local Ray instance; "auto" or ray://host:10001 joins one
@@ -133,7 +134,7 @@ def list_inputs(source: str, stdin: Iterable[str] | None = None) -> list[Item]:
 # --- decoding (runs in worker threads or processes) ---------------------------------------------
 
 
-def load(path: Path, spec: PreprocessSpec, max_pixels: int) -> np.ndarray | str:
+def load(path: Path, spec: PreprocessSpec, max_pixels: int, draft: bool) -> np.ndarray | str:
     """The model input for one file, or the one-line reason it has none."""
     try:
         data = path.read_bytes()
@@ -144,14 +145,14 @@ def load(path: Path, spec: PreprocessSpec, max_pixels: int) -> np.ndarray | str:
     except OSError as exc:
         return f"cannot read the file: {exc.strerror or exc}"
     try:
-        return preprocess_bytes(data, spec, max_pixels)
+        return preprocess_bytes(data, spec, max_pixels, draft)
     except Exception as exc:  # one bad file must never stop the job
         return " ".join((str(exc) or type(exc).__name__).split())  # one line, also inside a CSV cell
 
 
-def load_group(paths: list[Path], spec: PreprocessSpec, max_pixels: int) -> list[np.ndarray | str]:
+def load_group(paths: list[Path], spec: PreprocessSpec, max_pixels: int, draft: bool) -> list[np.ndarray | str]:
     """A few files per task: the unit of work for a worker (one pickle round trip per group for processes)."""
-    return [load(path, spec, max_pixels) for path in paths]
+    return [load(path, spec, max_pixels, draft) for path in paths]
 
 
 def make_executor(kind: str, workers: int) -> Executor:
@@ -176,7 +177,8 @@ def decoded_chunks(items: list[Item], spec: PreprocessSpec, config: BatchConfig,
 
     def submit(chunk: list[Item]) -> None:
         paths = [path for _, path in chunk]
-        pending.append((chunk, [executor.submit(load_group, paths[i:i + group], spec, config.max_pixels)
+        pending.append((chunk, [executor.submit(load_group, paths[i:i + group], spec, config.max_pixels,
+                                                    config.jpeg_draft)
                                 for i in range(0, len(paths), group)]))
 
     for chunk in chunks:
@@ -291,7 +293,7 @@ def run(config: BatchConfig, stdin: Iterable[str] | None = None, log=None) -> di
     try:
         todo = [item for item in items if item[0] not in writer.done]
         skipped = len(items) - len(todo)
-        info = ModelInfo.from_metadata(_metadata(model_path), model_path) if config.engine == "ray" else None
+        info = read_model_info(model_path) if config.engine == "ray" else None  # no session on the driver
         classifier = None if config.engine == "ray" else OnnxClassifier(model_path, config.device)
         info = info or classifier.info
         where = f"on {classifier.provider}" if classifier else f"on Ray ({config.ray_address or 'local instance'})"
@@ -340,19 +342,19 @@ class RayClassifier:
     """A Ray Data `map_batches` actor: one OnnxClassifier per actor, the local engine's load() and
     classify_chunk() per batch, so its rows are the local engine's rows."""
 
-    def __init__(self, model: bytes, device: str, top_k: int, max_pixels: int):
+    def __init__(self, model: bytes, device: str, top_k: int, max_pixels: int, jpeg_draft: bool):
         # The model travels as bytes: on a cluster the driver's file is not on the workers' disks.
         self.folder = tempfile.TemporaryDirectory(prefix="keel-ray-")
         path = Path(self.folder.name) / "model.onnx"
         path.write_bytes(model)
         # One ONNX Runtime thread: each actor holds one CPU and Ray runs one actor per CPU.
         self.classifier = OnnxClassifier(path, device, threads=1)
-        self.k, self.max_pixels = top_k, max_pixels
+        self.k, self.max_pixels, self.draft = top_k, max_pixels, jpeg_draft
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         chunk = [(str(key), Path(path)) for key, path in zip(batch["key"], batch["path"])]
         info = self.classifier.info
-        loaded = [load(path, info.preprocessing, self.max_pixels) for _, path in chunk]
+        loaded = [load(path, info.preprocessing, self.max_pixels, self.draft) for _, path in chunk]
         rows = classify_chunk(chunk, loaded, self.classifier.predict, info.labels, self.k)
         return {"row": np.array([json.dumps(row) for row in rows], dtype=object)}
 
@@ -387,26 +389,13 @@ def run_ray(items: list[Item], model_path: Path, config: BatchConfig, record: Ca
             RayClassifier, batch_size=config.batch_size, num_cpus=1,
             compute=ray.data.ActorPoolStrategy(size=config.workers),
             fn_constructor_kwargs=dict(model=model_path.read_bytes(), device=config.device, top_k=config.top_k,
-                                       max_pixels=config.max_pixels),
+                                       max_pixels=config.max_pixels, jpeg_draft=config.jpeg_draft),
         )
         for batch in rows.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
             record([json.loads(row) for row in batch["row"]])
     finally:
         if started:
             ray.shutdown()
-
-
-def _metadata(model_path: Path) -> dict[str, str]:
-    """A model's metadata without starting a session that the Ray engine would not use."""
-    import onnxruntime as ort
-
-    try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ModelLoadError(f"{model_path}: ONNX Runtime cannot load it: {exc}") from None
-    return session.get_modelmeta().custom_metadata_map
 
 
 def parser() -> argparse.ArgumentParser:
@@ -426,6 +415,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=defaults["top_k"])
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default=defaults["device"])
     p.add_argument("--max-pixels", type=int, default=defaults["max_pixels"], help="larger images are error rows")
+    p.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false",
+                   help="always decode JPEGs at full size (the service's KEEL_JPEG_DRAFT=0)")
     p.add_argument("--resume", action="store_true", help="skip inputs already in the output (after an interruption)")
     p.add_argument("--engine", choices=ENGINES, default=defaults["engine"])
     p.add_argument("--ray-address", default=defaults["ray_address"],
