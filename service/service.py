@@ -53,6 +53,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from service import jobs
 from service.config import ServiceConfig
 from service.inference import ModelInfo, ModelLoadError, OnnxClassifier, batch_buckets, read_model_info, resolve_model, top_k
 from service.preprocessing import ImageDecodeError, preprocess_bytes
@@ -83,6 +84,7 @@ def load_catalogue(config: ServiceConfig) -> tuple[dict[str, tuple[Path, ModelIn
 
 
 CONFIG = ServiceConfig.from_env()
+JOBS = jobs.JobsConfig.from_env()  # KEEL_BATCH_ROOT, KEEL_BATCH_MAX_IMAGES: the `batch` task, service/jobs.py
 CATALOGUE, DEFAULT_MODEL = load_catalogue(CONFIG)
 ENGINE_APIS = {name: f"infer_{index}" for index, name in enumerate(CATALOGUE)}  # one batcher per model
 # KEEL_MAX_BATCH_SIZE=1 turns batching off: BentoML refuses a batchable API with max_batch_size 1.
@@ -318,6 +320,22 @@ class Classifier:
             "limits": {"max_upload_bytes": CONFIG.max_upload_bytes, "max_pixels": CONFIG.max_pixels,
                        "max_batch_images": CONFIG.max_batch_images, "jpeg_draft": CONFIG.jpeg_draft},
         }
+
+    @bentoml.task
+    async def batch(self, images: list[Path] = [], path: str = "", model: str = "",  # noqa: B006 (pydantic copies)
+                    top_k: int | None = None) -> dict:
+        """A batch job, see service/jobs.py: uploaded `images`, or a server-side `path` under
+        KEEL_BATCH_ROOT. Submit with POST /batch/submit, poll /batch/status, fetch /batch/get."""
+        try:
+            info = self.model_or_404(model or None)
+            k = top_k_param(None if top_k is None else str(top_k))
+            sources, key, refused = jobs.plan_job(JOBS, images, path, CONFIG.max_upload_bytes)
+            return await jobs.run_job(sources, key, info, k, lambda data: self.preprocess(data, info, raise_=False),
+                                      lambda batch: self.infer(info.name, batch), CONFIG.max_batch_size, refused)
+        except (RequestError, jobs.JobError) as exc:
+            return error(str(exc), exc.status)
+        except EngineUnavailable as exc:
+            return error(f"{exc}; retry the task later (POST /batch/retry)", 503, retry=True)
 
 
 async def answer(work) -> JSONResponse:
