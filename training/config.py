@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from training.clipping import CLIP_MODES
+from training.precision import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,10 @@ class TrainConfig:
     layer_norms_every: int = 25  # steps between per-layer gradient norms in steps.jsonl; 0 turns them off
     workers: int = 2  # data-loading processes; 0 loads in the training process
     seed: int = 0  # initialisation, data order and augmentation
-    device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
+    device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"; under torchrun each process takes cuda:LOCAL_RANK
+    precision: str = "auto"  # "auto" (bf16 on CUDA when supported, else fp16 with loss scaling; fp32 on CPU), "fp32", "bf16", "fp16"
+    channels_last: str = "auto"  # NHWC weights and images: "auto" (on CUDA only), "on", "off"
+    guard: bool = True  # skip non-finite steps and roll back divergence; off only to watch a run explode (training.study)
     resume: str = ""  # a run's last.pt: go on from it (same data, arch and schedule) to `epochs`
     model_args: dict = field(default_factory=dict)  # extra builder arguments, e.g. {"aux_logits": True}
 
@@ -56,6 +60,10 @@ class TrainConfig:
             raise ValueError(f"clip_threshold must be positive, not {self.clip_threshold}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.channels_last not in ("auto", "on", "off"):
+            raise ValueError(f"channels_last must be 'auto', 'on' or 'off', not {self.channels_last!r}")
         if self.resize and self.resize < self.image_size:
             raise ValueError(f"resize ({self.resize}) must be at least image_size ({self.image_size})")
 

@@ -10,7 +10,6 @@ picture that shows an explosion starting in one layer and spreading.
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,27 +28,34 @@ def layer_grad_norms(model: nn.Module) -> dict[str, float]:
             if layer.rsplit(".", 1)[-1].isdigit():  # conv and BN of one ConvBNReLU count as one layer
                 layer = layer.rsplit(".", 1)[0]
             squares[layer] = squares.get(layer, 0) + parameter.grad.float().pow(2).sum()
-    return {layer: math.sqrt(value.item()) for layer, value in squares.items()}
+    if not squares:
+        return {}
+    values = torch.stack(list(squares.values())).sqrt().tolist()  # one host transfer for all layers
+    return dict(zip(squares, values))
 
 
 class StepLog:
-    """Appends one JSON line per step to `path`."""
+    """Appends one JSON line per step to `path`; with no path (data-parallel ranks other than 0) it
+    still says when per-layer norms are due, so every rank computes the same things, but writes nothing."""
 
-    def __init__(self, path: Path, layer_every: int):
+    def __init__(self, path: Path | None, layer_every: int):
         self.path, self.layer_every = path, layer_every
-        self.file = open(path, "a")
+        self.file = open(path, "a") if path else None
 
     def wants_layers(self, step: int) -> bool:
         return self.layer_every > 0 and step % self.layer_every == 0
 
     def write(self, **record) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
 
     def flush(self) -> None:
-        self.file.flush()
+        if self.file:
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file:
+            self.file.close()
 
 
 def plot_steps(steps_path: Path, out_path: Path, clip_threshold: float | None) -> None:

@@ -1,7 +1,9 @@
 """The training loop: read it top to bottom.
 
-Each step: forward, loss, backward, gradient clipping (global norm by default), a non-finite
-guard, optimizer step.
+Each step (`Trainer.train_step`): forward under autocast, loss, backward, unscale, gradient
+clipping (global norm by default), a non-finite guard, the divergence check, optimizer step.
+Under `torchrun` every process runs the same loop on its share of each epoch (DDP); only the
+first one writes files.
 Each epoch: validation, `last.pt` always, `best.pt` when validation accuracy improves, one line
 of `metrics.jsonl`. At the end, when the data has a test split: the best checkpoint's top-1,
 top-5 and per-class accuracy and a confusion-matrix plot; and a plot of the curves.
@@ -10,8 +12,10 @@ top-5 and per-class accuracy and a confusion-matrix plot; and a plot of the curv
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,38 +26,61 @@ from torch import nn
 from service.preprocessing import PreprocessSpec, find_images
 from service.progress import Progress
 from training.checkpoint import checkpoint_payload, load_checkpoint, model_from_checkpoint, save_checkpoint
-from training.clipping import clip_gradients
+from training.clipping import clip_gradients_
 from training.config import TrainConfig
 from training.data import ImageFolder, find_classes
 from training.evaluation import evaluate, plot_confusion
 from training.models import build_model
 from training.monitor import StepLog, layer_grad_norms, plot_steps
+from training.precision import Precision, resolve_channels_last, resolve_precision
 from training.stability import DivergenceMonitor, TrainingDiverged, passes_gate, stability_report
 
 
 def train(config: TrainConfig) -> dict:
-    torch.manual_seed(config.seed)
-    device = pick_device(config.device)
+    """Train as `config` says; under `torchrun` each process runs this with its share of the data."""
+    dist_env = DistEnv.from_environment(config.device)
+    try:
+        return _train(config, dist_env)
+    finally:
+        dist_env.close()
+
+
+def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
+    torch.manual_seed(config.seed)  # the same initial weights in every process (DDP checks they agree)
+    device, rank, world, lead = dist_env.device, dist_env.rank, dist_env.world, dist_env.rank == 0
+    log = (lambda message: print(message, file=sys.stderr)) if lead else (lambda message: None)
+    precision = Precision.create(resolve_precision(config.precision, device), device)
+    channels_last = resolve_channels_last(config.channels_last, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels once
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
 
     data = Path(config.data)
     classes = find_classes(data / "train")
     spec = PreprocessSpec(resize=config.resize_to, crop=config.image_size, mean=config.mean, std=config.std)
-    train_loader = make_loader(ImageFolder(data / "train", classes, spec, True, config.min_crop_scale), config, True)
-    val_loader = make_loader(ImageFolder(data / "val", classes, spec, False), config, False)
+    train_set = ImageFolder(data / "train", classes, spec, True, config.min_crop_scale)
+    # Each process reads its own 1/world of every epoch's permutation (the same permutation in all
+    # of them: DistributedSampler seeds it with seed + epoch); batch_size is per process.
+    sampler = (torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=config.seed, drop_last=True)
+               if world > 1 else None)
+    train_loader = make_loader(train_set, config, True, sampler=sampler, rank=rank, pin=device.type == "cuda")
+    val_loader = make_loader(ImageFolder(data / "val", classes, spec, False), config, False, pin=device.type == "cuda")
 
     model_args = {"num_classes": len(classes), "width": config.width, **config.model_args}
     model = build_model(config.arch, **model_args).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     total_steps = config.epochs * len(train_loader)
     warmup_steps = round(config.warmup_epochs * len(train_loader))
-    print(f"training {config.arch} (width {config.width}) on {len(train_loader.dataset)} images, "
-          f"{len(classes)} classes, {config.epochs} epochs, device {device}", file=sys.stderr)
+    log(f"training {config.arch} (width {config.width}) on {len(train_set)} images, {len(classes)} classes, "
+        f"{config.epochs} epochs, device {device}, {precision.name}" + (", channels_last" if channels_last else "")
+        + (f", {world} processes ({dist_env.backend}), {config.batch_size} images each per step" if world > 1 else ""))
 
     step, skipped, best_acc, history, first_epoch = 0, 0, -1.0, [], 1
-    rollbacks, lr_scale = 0, 1.0
+    rollbacks, lr_scale, state = 0, 1.0, None
     if config.resume:
         state = load_checkpoint(config.resume)
         if "rng" not in state:
@@ -61,120 +88,118 @@ def train(config: TrainConfig) -> dict:
         if (state["arch"], state["model_args"]) != (config.arch, model_args):
             raise ValueError(f"{config.resume}: was trained as {state['arch']} {state['model_args']}, "
                              f"not {config.arch} {model_args}")
+        if state.get("world_size", 1) != world:
+            raise ValueError(f"{config.resume}: was trained by {state.get('world_size', 1)} processes, not {world}: "
+                             f"resume with the same number so that the data order goes on as it was")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        train_loader.generator.set_state(state["rng"]["loader"])
+        precision.load_state_dict(state.get("scaler", {}))
+        rng = state["rng_ranks"][rank] if world > 1 else state["rng"]
+        torch.set_rng_state(rng["torch"])
+        train_loader.generator.set_state(rng["loader"])
         step, skipped, best_acc, first_epoch = state["step"], state["skipped_steps"], state["best_val_acc"], state["epoch"] + 1
         rollbacks, lr_scale = state["rollbacks"], state["lr_scale"]
-        history = read_records(out / "metrics.jsonl")[: state["epoch"]]
-        print(f"resuming from {config.resume} after epoch {state['epoch']}", file=sys.stderr)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    # the logs hold exactly the epochs and steps behind the weights: a new run starts them afresh
-    (out / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
-    kept_steps = [r for r in read_records(out / "steps.jsonl") if r["step"] <= step] if config.resume else []
-    (out / "steps.jsonl").write_text("".join(json.dumps(record) + "\n" for record in kept_steps))
-    steps_log = StepLog(out / "steps.jsonl", config.layer_norms_every)
+        log(f"resuming from {config.resume} after epoch {state['epoch']}")
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # Only the first process writes: the logs hold exactly the epochs and steps behind the weights,
+    # so a new run starts them afresh and a resumed one keeps what its checkpoint covers.
+    kept_steps = []
+    if lead:
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        history = read_records(out / "metrics.jsonl")[: state["epoch"]] if state else []
+        (out / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
+        kept_steps = [r for r in read_records(out / "steps.jsonl") if r["step"] <= step] if state else []
+        (out / "steps.jsonl").write_text("".join(json.dumps(record) + "\n" for record in kept_steps))
+    trainer = Trainer(model, optimizer, config, len(classes), precision, StepLog(out / "steps.jsonl" if lead else None,
+                      config.layer_norms_every), guard=config.guard, world=world)
+    trainer.step, trainer.skipped, trainer.rollbacks, trainer.lr_scale = step, skipped, rollbacks, lr_scale
     applied_steps = [r for r in kept_steps if not r["skipped"] and "rollback" not in r]
-    grad_norms, total_clipped = [r["grad_norm"] for r in applied_steps], sum(r["clipped"] for r in applied_steps)
-    monitor = DivergenceMonitor(config.rollback_skips, config.rollback_window, config.rollback_loss_factor, len(classes))
-    good_state = snapshot(model, optimizer)
+    trainer.grad_norms, trainer.total_clipped = [r["grad_norm"] for r in applied_steps], sum(r["clipped"] for r in applied_steps)
+    trainer.overflows = state.get("overflow_steps", 0) if state else 0
+    module = trainer.module
 
     for epoch in range(first_epoch, config.epochs + 1):
         model.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         started, loss_sum, seen = time.perf_counter(), 0.0, 0
-        epoch_norms_from, clipped_before = len(grad_norms), total_clipped
-        progress = Progress(len(train_loader), f"epoch {epoch}/{config.epochs}", unit="steps", log_lines=0)
+        epoch_norms_from, clipped_before = len(trainer.grad_norms), trainer.total_clipped
+        progress = Progress(len(train_loader), f"epoch {epoch}/{config.epochs}", unit="steps", log_lines=0) if lead else None
         for images, targets in train_loader:
-            progress.update()
-            images, targets = images.to(device), targets.to(device)
-            lr = lr_scale * learning_rate(step, total_steps, warmup_steps, config.lr, config.schedule,
-                                          round(config.step_epochs * len(train_loader)), config.step_gamma)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step += 1
+            if progress:
+                progress.update()
+            images = images.to(device, non_blocking=True, memory_format=torch.channels_last if channels_last
+                               else torch.preserve_format)
+            targets = targets.to(device, non_blocking=True)
+            lr = trainer.lr_scale * learning_rate(trainer.step, total_steps, warmup_steps, config.lr, config.schedule,
+                                                  round(config.step_epochs * len(train_loader)), config.step_gamma)
+            try:
+                loss_value = trainer.train_step(images, targets, lr, epoch)
+            except TrainingDiverged as exc:
+                raise TrainingDiverged(f"{exc}; lower --lr, or see {out / 'steps.jsonl'}") from None
+            if loss_value is not None:
+                loss_sum += loss_value * len(targets)
+                seen += len(targets)
 
-            # The forward pass updates batch-norm running statistics; keep the old ones so that a
-            # skipped step leaves no trace in the model (they are a few numbers per channel).
-            saved_buffers = [buffer.detach().clone() for buffer in model.buffers()]
-            outputs = model(images)
-            loss = training_loss(outputs, targets, criterion, config.aux_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            layers = layer_grad_norms(model) if steps_log.wants_layers(step) else None
-            # Clip (by global norm unless the config says otherwise); the norm is measured before.
-            grad_norm, was_clipped = clip_gradients(model, config.clip, config.clip_threshold, len(classes))
-            loss_value = loss.item()
-            finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-            diverging = monitor.observe(step, loss_value if finite else None)
-            steps_log.write(step=step, epoch=epoch, lr=lr, loss=loss_value if finite else None,
-                            grad_norm=grad_norm if finite else None, clipped=was_clipped, skipped=not finite,
-                            **({"layers": layers} if layers else {}), **({"rollback": diverging} if diverging else {}))
-            # Non-finite guard: a NaN/inf loss or gradient would poison the weights and the
-            # momentum buffers for good, so that step is skipped and counted instead.
-            if not finite:
-                skipped += 1
-                with torch.no_grad():
-                    for buffer, saved in zip(model.buffers(), saved_buffers):
-                        buffer.copy_(saved)
-                print(f"\n  step {step}: non-finite loss or gradient, step skipped", file=sys.stderr)
-            # Divergence: back to the last good weights and optimizer state, at a lower learning rate.
-            if diverging:
-                rollbacks += 1
-                if rollbacks > config.max_rollbacks:
-                    steps_log.close()
-                    raise TrainingDiverged(f"training diverged at step {step} ({diverging}) after {config.max_rollbacks} "
-                                           f"rollbacks; lower --lr, or see {out / 'steps.jsonl'}")
-                lr_scale *= config.rollback_lr_factor
-                restore(model, optimizer, good_state)
-                monitor.reset()
-                print(f"\n  step {step}: {diverging}: rolled back to the last good state, learning rate x{lr_scale:g}",
-                      file=sys.stderr)
-            if not finite or diverging:
-                continue
-            optimizer.step()
-            grad_norms.append(grad_norm)
-            total_clipped += was_clipped
-            loss_sum += loss_value * len(targets)
-            seen += len(targets)
-            if step % config.snapshot_every == 0 and not monitor.recent_skips:
-                good_state = snapshot(model, optimizer)
-
-        progress.clear()
-        val = evaluate(model, val_loader, device, classes)
+        if progress:
+            progress.clear()
+        step, skipped, rollbacks, grad_norms = trainer.step, trainer.skipped, trainer.rollbacks, trainer.grad_norms
+        if world > 1:  # batch-norm statistics as DDP keeps them (rank 0's), so every process evaluates one model
+            for buffer in module.buffers():
+                torch.distributed.broadcast(buffer, 0)
+        val = evaluate(module, val_loader, device, classes)
         epoch_norms = grad_norms[epoch_norms_from:]
         record = {
             "epoch": epoch, "step": step, "lr": lr, "train_loss": loss_sum / max(seen, 1),
             "val_loss": val["loss"], "val_acc": val["acc"], "val_top5": val["top5"],
             "mean_grad_norm": sum(epoch_norms) / max(len(epoch_norms), 1),
-            "clip_rate": (total_clipped - clipped_before) / max(len(epoch_norms), 1),
+            "clip_rate": (trainer.total_clipped - clipped_before) / max(len(epoch_norms), 1),
             "skipped_steps": skipped, "rollbacks": rollbacks, "seconds": round(time.perf_counter() - started, 2),
         }
+        if precision.scaler:
+            record.update(overflow_steps=trainer.overflows, loss_scale=precision.scale)
         history.append(record)
-        with open(out / "metrics.jsonl", "a") as log:
-            log.write(json.dumps(record) + "\n")
-        print(f"epoch {epoch}/{config.epochs}  loss {record['train_loss']:.3f}  val_loss {val['loss']:.3f}  "
-              f"val_acc {val['acc']:.3f}  grad_norm {record['mean_grad_norm']:.2f}  clipped {record['clip_rate']:.0%}  {record['seconds']}s", file=sys.stderr)
+        log(f"epoch {epoch}/{config.epochs}  loss {record['train_loss']:.3f}  val_loss {val['loss']:.3f}  "
+            f"val_acc {val['acc']:.3f}  grad_norm {record['mean_grad_norm']:.2f}  clipped {record['clip_rate']:.0%}  "
+            f"{record['seconds']}s")
 
-        report = stability_report(grad_norms, total_clipped, skipped, rollbacks, model)
+        report = stability_report(grad_norms, trainer.total_clipped, skipped, rollbacks, module)
+        if precision.scaler:
+            report["overflow_steps"] = trainer.overflows
+        if passes_gate(report):
+            trainer.good_state = snapshot(module, optimizer)
+        # Everything an interrupted run needs to go on exactly as if it had not stopped.
+        rng = {"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state()}
+        rng_ranks = dist_env.gather(rng)
+        if not lead:
+            continue
+        with open(out / "metrics.jsonl", "a") as metrics_log:
+            metrics_log.write(json.dumps(record) + "\n")
         payload = checkpoint_payload(
-            model, arch=config.arch, model_args=model_args, labels=classes, preprocessing=spec.to_dict(),
+            module, arch=config.arch, model_args=model_args, labels=classes, preprocessing=spec.to_dict(),
             config=config.to_dict(), metrics=record, stability=report, epoch=epoch, optimizer=optimizer.state_dict(),
         )
-        if passes_gate(report):
-            good_state = snapshot(model, optimizer)
         if val["acc"] > best_acc and passes_gate(report):
             best_acc = val["acc"]
             save_checkpoint(out / "best.pt", payload)
-        # Everything an interrupted run needs to go on exactly as if it had not stopped; the step
-        # log reaches the disk first, so it always covers what the checkpoint covers.
-        steps_log.flush()
-        payload.update(step=step, skipped_steps=skipped, best_val_acc=best_acc, rollbacks=rollbacks, lr_scale=lr_scale,
-                       rng={"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state()})
+        # the step log reaches the disk first, so it always covers what the checkpoint covers
+        trainer.steps_log.flush()
+        payload.update(step=step, skipped_steps=skipped, best_val_acc=best_acc, rollbacks=rollbacks,
+                       lr_scale=trainer.lr_scale, rng=rng, world_size=world, scaler=precision.state_dict(),
+                       overflow_steps=trainer.overflows, **({"rng_ranks": rng_ranks} if world > 1 else {}))
         save_checkpoint(out / "last.pt", payload)
 
-    steps_log.close()
-    summary = {"best_val_acc": best_acc, "epochs": config.epochs, "stability": report}
+    trainer.steps_log.close()
+    # Data-parallel processes must end with the same weights; each one's digest goes into the summary.
+    digests = dist_env.gather(weights_digest(module))
+    if not lead:
+        return {}
+    summary = {"best_val_acc": best_acc, "epochs": config.epochs, "stability": report, "precision": precision.name,
+               "channels_last": channels_last, "world_size": world}
+    if world > 1:
+        summary["rank_weight_digests"] = digests
     if find_images(data / "test"):  # the best checkpoint, once, on data it never selected on
         best = model_from_checkpoint(load_checkpoint(out / "best.pt")).to(device)
         test = evaluate(best, make_loader(ImageFolder(data / "test", classes, spec, False), config, False), device, classes)
@@ -185,9 +210,159 @@ def train(config: TrainConfig) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_history(history, out / "training.png")
     plot_steps(out / "steps.jsonl", out / "steps.png", config.clip_threshold if config.clip in ("norm", "value") else None)
-    print(f"done: best val_acc {best_acc:.3f}" + (f", test_acc {summary['test_acc']:.3f}" if "test_acc" in summary else "")
-          + f"; checkpoints in {out}", file=sys.stderr)
+    log(f"done: best val_acc {best_acc:.3f}" + (f", test_acc {summary['test_acc']:.3f}" if "test_acc" in summary else "")
+        + f"; checkpoints in {out}")
     return summary
+
+
+class Trainer:
+    """One optimizer step at a time, with everything that keeps a run stable and observable.
+
+    A step: forward (under autocast), loss, backward (scaled for fp16), unscale, per-layer norms at
+    the interval, clipping, one host transfer of (loss, norm, clipped), then the non-finite guard,
+    the divergence check, and the optimizer step, a skip or a rollback. `guard=False` and no step
+    log give the bare loop the overhead benchmark compares with (benchmarks/train_overhead.py).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, num_classes: int,
+                 precision: Precision, steps_log: StepLog | None, *, guard: bool = True, world: int = 1):
+        self.model, self.optimizer, self.config, self.num_classes = model, optimizer, config, num_classes
+        self.module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        self.precision, self.steps_log, self.guard, self.world = precision, steps_log or StepLog(None, 0), guard, world
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.monitor = DivergenceMonitor(config.rollback_skips, config.rollback_window, config.rollback_loss_factor,
+                                         num_classes)
+        self.step = self.skipped = self.overflows = self.rollbacks = self.total_clipped = 0
+        self.lr_scale, self.grad_norms = 1.0, []
+        self.good_state = snapshot(self.module, optimizer) if guard else None
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, lr: float, epoch: int = 0) -> float | None:
+        """One step at learning rate `lr`; returns the loss when the step was applied, else None."""
+        config, precision, optimizer = self.config, self.precision, self.optimizer
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        self.step += 1
+        step = self.step
+        # The forward pass updates batch-norm running statistics; keep the old ones so that a
+        # skipped step leaves no trace in the model (they are a few numbers per channel).
+        saved_buffers = [buffer.detach().clone() for buffer in self.module.buffers()] if self.guard else None
+        with precision.autocast():
+            outputs = self.model(images)
+            loss = training_loss(outputs, targets, self.criterion, config.aux_weight)
+        optimizer.zero_grad(set_to_none=True)
+        precision.backward(loss)
+        precision.unscale(optimizer)  # true gradients from here on: what is measured and clipped is real
+        layers = layer_grad_norms(self.module) if self.steps_log.wants_layers(step) else None
+        norm, clipped = clip_gradients_(self.module, config.clip, config.clip_threshold, self.num_classes)
+        values = torch.stack([loss.detach().float(), norm, clipped.float()])
+        if self.world > 1:
+            # Gradients are already averaged (identical in every process); the loss is averaged here so
+            # that every process takes the same guard, rollback and snapshot decisions.
+            torch.distributed.all_reduce(values)
+            values /= self.world
+        loss_value, grad_norm, was_clipped = values.tolist()  # the step's one host sync
+        was_clipped = was_clipped > 0.5
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if not self.guard:
+            if not finite:
+                self.steps_log.write(step=step, epoch=epoch, lr=lr, loss=None, grad_norm=None, clipped=was_clipped,
+                                     skipped=False)
+                self.steps_log.flush()
+                raise TrainingDiverged(f"training diverged at step {step}: loss {loss_value}, gradient norm {grad_norm} "
+                                       "with the non-finite guard off")
+            precision.step(optimizer)
+            self.grad_norms.append(grad_norm)
+            self.total_clipped += was_clipped
+            self.steps_log.write(step=step, epoch=epoch, lr=lr, loss=loss_value, grad_norm=grad_norm, clipped=was_clipped,
+                                 skipped=False, **({"layers": layers} if layers else {}))
+            return loss_value
+
+        # fp16 only: a finite loss with non-finite gradients is the loss scale overflowing, which the
+        # scaler answers by halving it. Skipped and counted like any non-finite step, but it only
+        # counts toward a rollback once the scale is below 1, i.e. when the gradients themselves overflow.
+        overflow = precision.scaler is not None and math.isfinite(loss_value) and not finite
+        scale = precision.scale if overflow else None
+        diverging = self.monitor.observe(step, loss_value if finite else None) if not overflow or scale < 1 else None
+        record = dict(step=step, epoch=epoch, lr=lr, loss=loss_value if math.isfinite(loss_value) else None,
+                      grad_norm=grad_norm if finite else None, clipped=was_clipped, skipped=not finite)
+        if overflow:
+            record.update(overflow=True, loss_scale=scale)
+        self.steps_log.write(**record, **({"layers": layers} if layers else {}),
+                             **({"rollback": diverging} if diverging else {}))
+        # Non-finite guard: a NaN/inf loss or gradient would poison the weights and the momentum
+        # buffers for good, so that step is skipped and counted instead.
+        if not finite:
+            self.skipped += 1
+            self.overflows += overflow
+            precision.skip()
+            with torch.no_grad():
+                for buffer, saved in zip(self.module.buffers(), saved_buffers):
+                    buffer.copy_(saved)
+            if self.world == 1 or self.steps_log.file:
+                what = f"fp16 gradients overflowed (loss scale now {precision.scale:g})" if overflow else "non-finite loss or gradient"
+                print(f"\n  step {step}: {what}, step skipped", file=sys.stderr)
+        # Divergence: back to the last good weights and optimizer state, at a lower learning rate.
+        if diverging:
+            self.rollbacks += 1
+            if self.rollbacks > config.max_rollbacks:
+                self.steps_log.flush()
+                raise TrainingDiverged(f"training diverged at step {step} ({diverging}) after {config.max_rollbacks} rollbacks")
+            self.lr_scale *= config.rollback_lr_factor
+            restore(self.module, optimizer, self.good_state)
+            self.monitor.reset()
+            if self.world == 1 or self.steps_log.file:
+                print(f"\n  step {step}: {diverging}: rolled back to the last good state, learning rate x{self.lr_scale:g}",
+                      file=sys.stderr)
+        if not finite or diverging:
+            return None
+        precision.step(optimizer)
+        self.grad_norms.append(grad_norm)
+        self.total_clipped += was_clipped
+        if step % config.snapshot_every == 0 and not self.monitor.recent_skips:
+            self.good_state = snapshot(self.module, optimizer)
+        return loss_value
+
+
+class DistEnv:
+    """This process's place in a `torchrun` job (or a job of one), and the few collectives the loop needs."""
+
+    def __init__(self, rank: int, world: int, device: torch.device, backend: str | None):
+        self.rank, self.world, self.device, self.backend = rank, world, device, backend
+
+    @classmethod
+    def from_environment(cls, requested_device: str) -> "DistEnv":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls(0, 1, pick_device(requested_device), None)
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        device = pick_device(requested_device)
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, rank=rank, world_size=world)
+        return cls(rank, world, device, backend)
+
+    def gather(self, value) -> list:
+        """Every process's `value`, in rank order (a list of one without torchrun)."""
+        if self.world == 1:
+            return [value]
+        values = [None] * self.world
+        torch.distributed.all_gather_object(values, value)
+        return values
+
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of the weights and buffers, to show that data-parallel processes ended identical."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -240,13 +415,16 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
 
 
-def make_loader(dataset, config: TrainConfig, shuffle: bool) -> torch.utils.data.DataLoader:
-    generator = torch.Generator().manual_seed(config.seed)
+def make_loader(dataset, config: TrainConfig, shuffle: bool, sampler=None, rank: int = 0,
+                pin: bool = False) -> torch.utils.data.DataLoader:
+    # Each process augments differently (seed + rank); a single process keeps the plain seed.
+    generator = torch.Generator().manual_seed(config.seed + rank)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) > config.batch_size,
+        dataset, batch_size=config.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        drop_last=shuffle and len(dataset) > config.batch_size,
         # Workers are started afresh each epoch, seeded from `generator`, so that a resumed run
         # augments exactly as an uninterrupted one (persistent workers would carry their RNG on).
-        num_workers=config.workers, generator=generator,
+        num_workers=config.workers, generator=generator, pin_memory=pin,
     )
 
 
