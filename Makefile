@@ -16,10 +16,10 @@ RUN ?= runs/quickstart
 MODEL ?= artifacts/model.onnx
 MODEL_NAME ?= keel-classifier
 ARCH ?= alexnet_bn
-# The quick-start recipe: a quarter-width AlexNet-BN without dropout (the shapes data set is small),
-# a few minutes on a 2-core laptop. Accuracy and timing: README.md.
-TRAIN_ARGS ?= --image-size 64 --resize 64 --width 0.25 --model-args '{"dropout": 0.0}' --epochs 30 --batch-size 64 \
-	--optimizer adamw --lr 0.003 --weight-decay 0.05 --label-smoothing 0 --min-crop-scale 0.8
+# The quick start trains the architecture's recipe: for alexnet_bn a quarter-width AlexNet-BN without
+# dropout (the shapes data set is small), a few minutes on a 2-core laptop. Accuracy and timing: README.md.
+RECIPE ?= training/recipes/$(ARCH).yaml
+TRAIN_ARGS ?= --recipe $(RECIPE)
 HOST ?= 127.0.0.1
 PORT ?= 3000
 SAMPLE_IMAGE := $(DATA)/test/star/00000.png

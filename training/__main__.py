@@ -1,4 +1,8 @@
-"""`python -m training --arch alexnet_bn --data DIR --out RUN_DIR [...]`: every TrainConfig field is a flag."""
+"""`python -m training [--recipe FILE.yaml] --data DIR --out RUN_DIR [...]`: every TrainConfig field is a flag.
+
+A recipe (training/recipes/<arch>.yaml) holds TrainConfig fields; flags given on the command line
+override it. Data-parallel: `torchrun --nproc_per_node N -m training ...` (see README).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import inspect
 import json
 import re
 import sys
+from pathlib import Path
 
 from training.config import TrainConfig
 from training.models import MODELS
@@ -22,14 +27,25 @@ def field_help() -> dict[str, str]:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     comments = field_help()
+    # The recipe is read first: its values become the defaults that the other flags override.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe")
+    recipe_path = pre.parse_known_args(argv)[0].recipe
     parser = argparse.ArgumentParser(prog="python -m training", description="Train an image classifier on an ImageFolder tree.")
+    parser.add_argument("--recipe", metavar="YAML", help="a file of TrainConfig fields (training/recipes/); flags override it")
+    try:
+        recipe = load_recipe(recipe_path) if recipe_path else {}
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         default = None if required else (field.default if field.default is not dataclasses.MISSING else field.default_factory())
-        options: dict = {"dest": field.name, "required": required}
+        options: dict = {"dest": field.name, "required": required and field.name not in recipe}
         if field.name == "arch":
             options.update(choices=sorted(MODELS), default=default)
+        elif isinstance(default, bool):
+            options.update(action=argparse.BooleanOptionalAction, default=default)
         elif isinstance(default, tuple):
             options.update(nargs=len(default), type=type(default[0]), default=default)
         elif isinstance(default, dict):
@@ -38,11 +54,64 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             options.update(type=str if required else type(default), default=default)
         options["help"] = comments.get(field.name, "") + ("" if required else f" (default: {default})")
         parser.add_argument(flag, **options)
-    args = parser.parse_args(argv)
+    parser.set_defaults(**recipe)
+    args = vars(parser.parse_args(argv))
+    args.pop("recipe")
     try:
-        return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
+        return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def load_recipe(path: str | Path) -> dict:
+    """A YAML recipe's TrainConfig fields, checked: an unknown key or a value of the wrong type is an
+    error naming the file, not something silently ignored."""
+    import yaml
+
+    path = Path(path)
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such recipe file") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: a recipe is a mapping of TrainConfig fields, not a {type(recipe).__name__}")
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    unknown = [key for key in recipe if key not in fields]
+    if unknown:
+        raise ValueError(f"{path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                         f"(known: {', '.join(fields)})")
+    checked = {}
+    for key, value in recipe.items():
+        field = fields[key]
+        default = field.default if field.default is not dataclasses.MISSING else (
+            field.default_factory() if field.default_factory is not dataclasses.MISSING else "")
+        checked[key] = recipe_value(path, key, value, default)
+    return checked
+
+
+def recipe_value(path: Path, key: str, value, default):
+    """`value` as the type of the field's default (ints pass as floats, lists as tuples)."""
+    expected = type(default)
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, list) and len(value) == len(default) and all(isinstance(v, (int, float)) for v in value)
+        value = tuple(float(v) for v in value) if ok else value
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        shape = f"a list of {len(default)} numbers" if isinstance(default, tuple) else f"a {expected.__name__}"
+        raise ValueError(f"{path}: {key} must be {shape}, not {value!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
