@@ -124,10 +124,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Convert every Pillow mode to 8-bit RGB, compositing transparency onto white."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale the used range into 8 bits rather than clipping at 255
-        array = np.asarray(image, dtype=np.float64)
-        top = array.max() if array.size and array.max() > 255 else 255.0
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit and float greyscale: scale the used range into 8 bits rather than clipping at
+        # 255; float images in [0, 1] (the usual convention for "F") are scaled up, not shown black
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        peak = array.max() if array.size else 0.0
+        top = peak if peak > 255 else (1.0 if image.mode == "F" and 0 < peak <= 1.0 else 255.0)
         array = np.clip(array / top * 255.0, 0, 255).astype(np.uint8)
         return Image.fromarray(array, mode="L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:

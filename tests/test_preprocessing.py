@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from service.preprocessing import (
-    ImageDecodeError, PreprocessSpec, decode_image, preprocess, preprocess_bytes, resize_and_crop,
+    ImageDecodeError, PreprocessSpec, decode_image, find_images, preprocess, preprocess_bytes, resize_and_crop,
 )
 
 SPEC = PreprocessSpec(resize=64, crop=56, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -66,12 +66,36 @@ def test_pixel_limit_is_checked_from_the_header():
         decode_image(data, max_pixels=1_000_000)
 
 
-@pytest.mark.parametrize("mode", ["L", "LA", "P", "PA", "RGBA", "CMYK", "I;16", "I", "1"])
-def test_every_mode_becomes_rgb(mode):
-    image = Image.new("RGB", (20, 10), (200, 30, 30)).convert(mode)
-    fmt = "TIFF" if mode in ("CMYK", "I", "PA") else "PNG"
+@pytest.mark.parametrize("mode, fmt", [
+    ("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("PA", "TIFF"), ("RGBA", "PNG"), ("CMYK", "TIFF"), ("I;16", "PNG"),
+    ("I", "TIFF"), ("F", "TIFF"), ("1", "PNG"), ("LAB", "TIFF"), ("YCbCr", "TIFF"), ("RGBA", "WEBP"),
+    ("CMYK", "JPEG"), ("L", "JPEG"), ("P", "GIF"), ("RGB", "BMP"),
+])
+def test_every_mode_becomes_the_right_rgb(mode, fmt):
+    """Each mode, from a file format that stores it, decodes to RGB close to the original colour
+    (greyscale and 1-bit modes to its grey, palettes to their nearest entry)."""
+    colour = (200, 30, 30)
+    original = Image.new("RGB", (20, 10), colour)
+    image = original.convert(mode)
     decoded = decode_image(encode(image, fmt))
     assert decoded.mode == "RGB" and decoded.size == (20, 10)
+    expected = np.asarray(image.convert("RGB") if mode not in ("I;16", "I", "F") else original.convert("L").convert("RGB"),
+                          dtype=float)
+    tolerance = 8 if fmt in ("JPEG", "WEBP") or mode in ("LAB", "YCbCr") else 1
+    assert np.abs(np.asarray(decoded, dtype=float) - expected).max() <= tolerance, (mode, fmt)
+
+
+def test_float_images_in_unit_range_are_scaled_not_black():
+    ramp = Image.fromarray(np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64))
+    pixels = np.asarray(decode_image(encode(ramp, "TIFF")))
+    assert pixels.min() == 0 and pixels.max() == 255
+
+
+def test_palette_transparency_is_composited_on_white():
+    image = Image.new("P", (8, 8), 0)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    assert np.asarray(decode_image(encode(image, "GIF", transparency=0))).min() == 255
+    assert np.asarray(decode_image(encode(image, "PNG", transparency=0))).min() == 255
 
 
 def test_transparency_is_composited_on_white():
@@ -124,3 +148,68 @@ def test_checkpoint_export_and_service_share_one_spec(trained_run, exported_mode
     assert (checkpoint_spec.crop, checkpoint_spec.resize) == (config["image_size"], config["resize"])
     assert OnnxClassifier(exported_model, device="cpu").info.preprocessing == checkpoint_spec
     assert ort.InferenceSession(str(exported_model)).get_inputs()[0].shape[2:] == [checkpoint_spec.crop] * 2
+
+
+def photo(width: int, height: int, seed: int) -> Image.Image:
+    """A photograph stand-in: smooth colour gradients, blurred shapes of every size, sensor noise."""
+    from PIL import ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    base = np.stack([128 + 100 * np.sin(6 * x + c) * np.cos(4 * y - c) for c in (0, 1, 2)], -1)
+    image = Image.fromarray(base.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(40):
+        cx, cy, r = rng.integers(0, width), rng.integers(0, height), rng.integers(width // 40, width // 6)
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    image = image.filter(ImageFilter.GaussianBlur(width / 800))
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+
+
+# The stated tolerance of the reduced JPEG decode (KEEL_JPEG_DRAFT, on by default), in 8-bit
+# levels of the model input before normalization: mean |difference| under 1 level and no pixel
+# off by more than 8, against a full decode. Measured: mean 0.2-0.4, max 1-6 on these sizes.
+DRAFT_MEAN_LEVELS, DRAFT_MAX_LEVELS = 1.0, 8.0
+
+
+@pytest.mark.parametrize("size, spec", [
+    ((1920, 1080), PreprocessSpec()),  # a phone photo for an ImageNet-sized model: decoded at 1/2
+    ((4000, 3000), PreprocessSpec()),  # a 12 MP camera image: 1/4
+    ((1024, 768), PreprocessSpec(resize=64, crop=64)),  # the shapes models' input: 1/4
+])
+def test_reduced_jpeg_decode_stays_within_the_stated_tolerance(size, spec):
+    data = encode(photo(*size, seed=size[0]), "JPEG", quality=90)
+    full, draft = preprocess_bytes(data, spec), preprocess_bytes(data, spec, draft=True)
+    levels = np.abs(full - draft) * np.asarray(spec.std, np.float32)[:, None, None] * 255
+    assert 0 < levels.mean() <= DRAFT_MEAN_LEVELS and levels.max() <= DRAFT_MAX_LEVELS
+
+
+def test_reduced_decode_leaves_small_jpegs_and_other_formats_exact():
+    spec = PreprocessSpec()
+    small = encode(photo(800, 600, seed=1), "JPEG", quality=90)  # under 2 x 2 x resize: full decode
+    png = encode(photo(2400, 1600, seed=2), "PNG")
+    for data in (small, png):
+        np.testing.assert_array_equal(preprocess_bytes(data, spec, draft=True), preprocess_bytes(data, spec))
+
+
+def test_reduced_decode_keeps_exif_orientation():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(photo(1200, 600, seed=3), "JPEG", quality=90, exif=exif.tobytes())
+    assert decode_image(data, draft_to=64).size[1] > decode_image(data, draft_to=64).size[0]  # upright: tall
+
+
+def test_reduced_decode_does_not_change_the_model_answer(shapes_data, exported_model):
+    """The served model's probabilities on large JPEGs of the test shapes barely move under draft."""
+    from service.inference import OnnxClassifier
+
+    model = OnnxClassifier(exported_model, device="cpu")
+    spec = model.info.preprocessing
+    images = find_images(shapes_data / "test")[::25]
+    uploads = [encode(Image.open(path).convert("RGB").resize((1024, 1024), Image.Resampling.BICUBIC), "JPEG",
+                      quality=90) for path in images]
+    full = model.predict(np.stack([preprocess_bytes(data, spec) for data in uploads]))
+    draft = model.predict(np.stack([preprocess_bytes(data, spec, draft=True) for data in uploads]))
+    assert (full.argmax(1) == draft.argmax(1)).all()
+    assert np.abs(full - draft).max() < 0.05
