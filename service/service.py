@@ -53,7 +53,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service import jobs
+from service import jobs, v2
 from service.config import ServiceConfig
 from service.inference import ModelInfo, ModelLoadError, OnnxClassifier, batch_buckets, read_model_info, resolve_model, top_k
 from service.preprocessing import ImageDecodeError, preprocess_bytes
@@ -165,6 +165,7 @@ http = Starlette(routes=[
     Route("/classify", classify, methods=["POST"]),
     Route("/classify_batch", classify_batch, methods=["POST"]),
     Route("/metadata", metadata, methods=["GET"]),
+    *v2.routes(CONFIG),  # the Open Inference Protocol (KServe V2) under /v2, see service/v2.py
 ])
 
 
