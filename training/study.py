@@ -1,0 +1,256 @@
+"""The explosion study: does a deep CNN at a high learning rate blow up, and what stops it?
+
+`python -m training.study` trains one architecture family (AlexNet, with and without batch norm)
+on a small built-in shapes data set under four set-ups, everything else equal (SGD with momentum
+at a learning rate well above what plain AlexNet tolerates, no warmup):
+
+  (a) no BN, no clipping, no guard      (b) clipping only (global norm)
+  (c) BN only                           (d) BN + clipping + non-finite guard and rollback
+
+and writes `docs/stability.md`: a table (final accuracy, skipped steps, rollbacks, max gradient
+norm, diverged) and plots of loss and gradient norm per set-up (`docs/stability/`). `--recipes`
+also trains every architecture at its recipe (training/recipes/) on the full built-in data set
+and adds the test accuracies; each part keeps its results in `docs/stability/*.json`, so running
+one part re-renders the page with the other's last results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.config import TrainConfig
+from training.shapes import ShapesConfig, generate_dataset
+from training.stability import TrainingDiverged
+
+RECIPES = Path(__file__).parent / "recipes"
+ARCHS = ("alexnet", "alexnet_bn", "inception_v1_bn", "inception_v3")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    train_per_class: int = 150  # shapes images per class for training (64 px); val and test get 20 each
+    width: float = 0.25  # AlexNet channel multiplier: a quarter of 64-192-384-256-256
+    image_size: int = 64  # the shapes images' own size: no resizing
+    epochs: int = 8  # enough for (d) to learn the shapes well
+    batch_size: int = 32  # images per step
+    lr: float = 0.08  # SGD peak learning rate, no warmup: several times what plain AlexNet survives
+    clip_threshold: float = 1.0  # global-norm clipping in (b) and (d)
+    seed: int = 0  # the same initial weights and data order in every set-up
+
+    def variants(self) -> dict[str, dict]:
+        """Set-up name -> the TrainConfig fields it changes."""
+        return {
+            "a": dict(arch="alexnet", clip="none", guard=False),
+            "b": dict(arch="alexnet", clip="norm", guard=False),
+            "c": dict(arch="alexnet_bn", clip="none", guard=False),
+            "d": dict(arch="alexnet_bn", clip="norm", guard=True),
+        }
+
+
+LABELS = {"a": "(a) no BN, no clipping", "b": "(b) clipping only", "c": "(c) BN only",
+          "d": "(d) BN + clipping + guard"}
+QUICK = StudyConfig(train_per_class=6, width=0.125, epochs=1, batch_size=16)  # seconds: machinery only
+
+
+def run_study(config: StudyConfig, data: Path, work: Path, figures: Path) -> dict:
+    """Train the four set-ups; returns their results and writes the plots into `figures`."""
+    results = {}
+    for name, changes in config.variants().items():
+        out = work / name
+        shutil.rmtree(out, ignore_errors=True)
+        train_config = TrainConfig(
+            data=str(data), out=str(out), width=config.width, image_size=config.image_size, resize=config.image_size,
+            model_args={"dropout": 0.0}, epochs=config.epochs, batch_size=config.batch_size, optimizer="sgd",
+            lr=config.lr, warmup_epochs=0.0, weight_decay=5e-4, label_smoothing=0.0, clip_threshold=config.clip_threshold,
+            layer_norms_every=5, workers=0, seed=config.seed, device="cpu", **changes,
+        )
+        print(f"study {LABELS[name]}: {changes}", file=sys.stderr)
+        results[name] = run_variant(train_config)
+        if (out / "steps.png").exists():
+            shutil.copy(out / "steps.png", figures / f"study_{name}_steps.png")
+    plot_study({name: work / name / "steps.jsonl" for name in results}, results, figures / "study.png")
+    return {"config": dataclasses.asdict(config), "variants": results}
+
+
+def run_variant(config: TrainConfig) -> dict:
+    from training.monitor import plot_steps
+    from training.train import train
+
+    started = time.perf_counter()
+    error = None
+    try:
+        with np.errstate(all="ignore"):
+            summary = train(config)
+    except TrainingDiverged as exc:
+        summary, error = {}, str(exc).split("; ")[0]
+        plot_steps(Path(config.out) / "steps.jsonl", Path(config.out) / "steps.png", None)
+    steps = [json.loads(line) for line in (Path(config.out) / "steps.jsonl").read_text().splitlines()]
+    norms = [r["grad_norm"] for r in steps if r["grad_norm"] is not None]
+    return {
+        "changes": {k: getattr(config, k) for k in ("arch", "clip", "guard")},
+        "steps": len(steps),
+        "test_acc": summary.get("test_acc"),
+        "skipped_steps": sum(bool(r["skipped"]) for r in steps),
+        "rollbacks": sum("rollback" in r for r in steps),
+        "grad_norm_max": max(norms) if norms else None,
+        "non_finite_steps": sum(r["loss"] is None or r["grad_norm"] is None for r in steps),
+        "diverged": error is not None,
+        "error": error,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def plot_study(logs: dict[str, Path], results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True)
+    for name, log in logs.items():
+        steps = [json.loads(line) for line in log.read_text().splitlines()]
+        x = [r["step"] for r in steps]
+        loss = [r["loss"] if r["loss"] is not None else np.nan for r in steps]
+        norm = [r["grad_norm"] if r["grad_norm"] is not None else np.nan for r in steps]
+        label = LABELS[name] + (" - diverged" if results[name]["diverged"] else "")
+        line, = top.plot(x, loss, lw=0.8, label=label)
+        bottom.semilogy(x, norm, lw=0.8, color=line.get_color())
+        if results[name]["diverged"]:  # where the run ended: its last loss was not finite
+            top.axvline(x[-1], color=line.get_color(), ls=":", lw=1)
+            bottom.axvline(x[-1], color=line.get_color(), ls=":", lw=1)
+    top.set_ylabel("training loss")
+    top.set_ylim(0, max(6.0, top.get_ylim()[0]))
+    top.legend(fontsize=8)
+    bottom.set_ylabel("global grad norm (before clipping)")
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_recipes(data: Path, work: Path, archs: tuple[str, ...] = ARCHS) -> dict:
+    """Each architecture at its recipe (training/recipes/<arch>.yaml) on the full built-in data set."""
+    from training.__main__ import load_recipe
+    from training.train import train
+
+    results = {}
+    for arch in archs:
+        recipe = load_recipe(RECIPES / f"{arch}.yaml")
+        out = work / f"recipe-{arch}"
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"recipe {arch}: {recipe}", file=sys.stderr)
+        started = time.perf_counter()
+        summary = train(TrainConfig(**{**recipe, "data": str(data), "out": str(out), "device": "cpu"}))
+        results[arch] = {"recipe": f"training/recipes/{arch}.yaml", "test_acc": summary["test_acc"],
+                         "test_top5": summary["test_top5"], "best_val_acc": summary["best_val_acc"],
+                         "epochs": recipe["epochs"], "width": recipe["width"], "image_size": recipe["image_size"],
+                         "skipped_steps": summary["stability"]["skipped_steps"],
+                         "rollbacks": summary["stability"]["rollbacks"],
+                         "grad_norm_max": summary["stability"]["grad_norm_max"],
+                         "minutes": round((time.perf_counter() - started) / 60, 1)}
+    return results
+
+
+def render(study: dict | None, recipes: dict | None, machine: str) -> str:
+    """docs/stability.md from the saved results of either part."""
+    lines = ["# Stability: what makes a deep CNN explode, and what stops it", "",
+             "Generated by `python -m training.study` (the four set-ups) and `python -m training.study --recipes`",
+             "(every architecture at its recipe); do not edit by hand. Measured on: " + machine + ".", ""]
+    if study:
+        c = study["config"]
+        lines += [
+            "## The explosion study", "",
+            f"AlexNet (width {c['width']}, {c['image_size']} px, no dropout) on the built-in shapes data set "
+            f"({c['train_per_class']} training images per class, 10 classes; test split 20 per class), "
+            f"{c['epochs']} epochs of SGD with Nesterov momentum 0.9 at a constant-then-cosine learning rate "
+            f"of {c['lr']} without warmup, batch {c['batch_size']}, seed {c['seed']}: the same data order and "
+            "initial weights in every set-up. Clipping is by global norm at "
+            f"{c['clip_threshold']}. Without the guard (a-c) a non-finite loss ends the run; with it (d) such "
+            "a step is skipped and repeated divergence rolls back to the last good state.", "",
+            "| set-up | final test accuracy | skipped steps | rollbacks | max grad norm | diverged |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, r in study["variants"].items():
+            accuracy = f"{r['test_acc']:.1%}" if r["test_acc"] is not None else "— (no model left)"
+            norm = f"{r['grad_norm_max']:.3g}" if r["grad_norm_max"] is not None else "—"
+            diverged = f"**yes**, step {r['steps']}: {r['error'].split(': ', 1)[-1]}" if r["diverged"] else "no"
+            lines.append(f"| {LABELS[name]} | {accuracy} | {r['skipped_steps']} | {r['rollbacks']} | {norm} | {diverged} |")
+        lines += [
+            "", "Chance is 10%. Max grad norm is the largest finite global norm before clipping.", "",
+            "![loss and gradient norm per set-up](stability/study.png)", "",
+            "Per set-up, loss, gradient norm against the clipping threshold and the per-layer gradient norms "
+            "(the heat map shows where an explosion starts):",
+            "", *[f"- {LABELS[name]}: [steps](stability/study_{name}_steps.png)" for name in study["variants"]], "",
+        ]
+    if recipes:
+        lines += ["## Accuracy at each recipe", "",
+                  "Each architecture trained at its recipe (`training/recipes/<arch>.yaml`, CPU, small width) on "
+                  "the full built-in shapes data set (`python -m training.shapes` defaults); test split accuracy "
+                  "of the best checkpoint. Reproduce: `python -m training.study --recipes`.", "",
+                  "| arch | recipe | width | image size | epochs | test top-1 | test top-5 | skipped | rollbacks | max grad norm | minutes |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for arch, r in recipes.items():
+            lines.append(f"| `{arch}` | [{Path(r['recipe']).name}](../{r['recipe']}) | {r['width']} | {r['image_size']} | "
+                         f"{r['epochs']} | {r['test_acc']:.1%} | {r['test_top5']:.1%} | {r['skipped_steps']} | "
+                         f"{r['rollbacks']} | {r['grad_norm_max']:.3g} | {r['minutes']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="docs", help="folder for stability.md; plots and results go to OUT/stability/")
+    parser.add_argument("--work", help="folder for the runs and data (default: a temporary folder, removed)")
+    parser.add_argument("--recipes", action="store_true", help="also train every architecture at its recipe")
+    parser.add_argument("--only-recipes", action="store_true", help="train the recipes, skip the four set-ups")
+    parser.add_argument("--quick", action="store_true", help="a few seconds on a micro data set (checks the machinery)")
+    args = parser.parse_args(argv)
+
+    from benchmarks.common import machine
+
+    out, figures = Path(args.out), Path(args.out) / "stability"
+    figures.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="keel-study-"))
+    config = QUICK if args.quick else StudyConfig()
+    try:
+        if not args.only_recipes:
+            data = generate_dataset(work / "data-study", ShapesConfig(size=config.image_size,
+                                    train_per_class=config.train_per_class, val_per_class=20 if not args.quick else 2,
+                                    test_per_class=20 if not args.quick else 2), progress=False)
+            study = run_study(config, data, work / "study", figures)
+            (figures / "study.json").write_text(json.dumps(study, indent=2) + "\n")
+        if args.recipes or args.only_recipes:
+            shapes = ShapesConfig() if not args.quick else ShapesConfig(train_per_class=6, val_per_class=2, test_per_class=2)
+            data = generate_dataset(work / "data-full", shapes, progress=not args.quick)
+            recipes = run_recipes(data, work) if not args.quick else {}
+            if recipes:
+                (figures / "recipes.json").write_text(json.dumps(recipes, indent=2) + "\n")
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    load = lambda name: json.loads((figures / name).read_text()) if (figures / name).exists() else None  # noqa: E731
+    info = machine()
+    (out / "stability.md").write_text(render(load("study.json"), load("recipes.json"),
+                                             f"{info['cpu_model']}, {info['cpus']} CPUs, CPU fp32"))
+    study = load("study.json")
+    if study:
+        for name, r in study["variants"].items():
+            print(f"{LABELS[name]}: acc {r['test_acc']}, skipped {r['skipped_steps']}, rollbacks {r['rollbacks']}, "
+                  f"max norm {r['grad_norm_max']}, diverged {r['diverged']}", file=sys.stderr)
+    print(f"wrote {out / 'stability.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
