@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -17,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 from service import v2
 from service.inference import INPUT_NAME, OUTPUT_NAME, ModelInfo
 from service.preprocessing import PreprocessSpec, find_images, preprocess_bytes
+from tests.conftest import Server
 from tests.test_service import classify_file
 
 LABELS = ("circle", "square", "star")
@@ -243,3 +245,37 @@ def test_bad_requests_get_4xx_json_errors(server, client, images):
         with pytest.raises(urllib.error.HTTPError) as http_error:
             urllib.request.urlopen(request, timeout=30)
         assert http_error.value.code == 400 and message in json.loads(http_error.value.read())["error"]
+
+
+def test_two_models_and_readiness_before_warm_up(exported_model, tmp_path):
+    """/v2/health/ready is 503 until the engine has loaded and warmed up (held 5 s longer here), as
+    /readyz; then each served model answers under its own name."""
+    server = Server({"KEEL_MODELS": f"first={exported_model},second={exported_model}", "KEEL_WARMUP_DELAY_S": "5",
+                     "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "True"}, tmp_path / "server.log")
+    try:
+        seen, deadline = [], time.monotonic() + 120
+        while seen[-1:] != [200] and time.monotonic() < deadline:
+            assert server.process.poll() is None, server.output()
+            try:
+                with urllib.request.urlopen(f"{server.url}/v2/health/ready", timeout=10) as response:
+                    seen.append(response.status)
+            except urllib.error.HTTPError as not_ready:
+                assert json.loads(not_ready.read()) == {"ready": False}
+                seen.append(not_ready.code)
+            except OSError:  # not listening yet
+                pass
+            time.sleep(0.2)
+        assert seen[0] == 503 and seen[-1] == 200, server.output()
+        with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
+            assert client.is_model_ready("first") and client.is_model_ready("second")
+            size = client.get_model_metadata("second")["inputs"][0]["shape"][-1]
+            batch = np.zeros((2, 3, size, size), dtype=np.float32)
+            infer_input = triton.InferInput("input", list(batch.shape), "FP32")
+            infer_input.set_data_from_numpy(batch)
+            answers = {name: client.infer(name, [infer_input]) for name in ("first", "second")}
+            assert {name: result.get_response()["model_name"] for name, result in answers.items()} == {
+                "first": "first", "second": "second"}
+            assert np.array_equal(answers["first"].as_numpy("probabilities"), answers["second"].as_numpy("probabilities"))
+            assert "unknown model 'keel-test'; this server has first, second" in infer_error(client, "keel-test", batch).message()
+    finally:
+        server.stop()
