@@ -327,7 +327,8 @@ def run(config: BatchConfig, stdin: Iterable[str] | None = None, log=None) -> di
                "output": config.output, "errors": errors}
     log(f"done: {summary['images']} images, {summary['succeeded']} succeeded, {summary['failed']} failed"
         + (f", {skipped} skipped (already done)" if skipped else "")
-        + f" in {summary['seconds']} s ({summary['images_per_second']} images/s) -> {config.output}")
+        + (f" in {summary['seconds']} s ({summary['images_per_second']} images/s)" if todo else "")
+        + f" -> {config.output}")
     for row in errors:
         log(f"  failed: {row['path']}: {row['error']}")
     if counts["failed"] > len(errors):
