@@ -28,7 +28,7 @@ SAMPLE_IMAGE := $(DATA)/test/star/00000.png
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: setup data train model serve test bento bench lock clean
+.PHONY: setup data train model serve test bento bench lock clean container-tools container container-run
 
 setup: $(STAMP)
 
@@ -60,13 +60,29 @@ serve: $(MODEL)
 	echo "  curl -F image=@$(SAMPLE_IMAGE) http://$(HOST):$(PORT)/classify"; echo; \
 	wait $$server
 
-test: $(STAMP)
+# container-tools first: on a clean machine as root it installs podman, so the container test runs.
+test: $(STAMP) container-tools
 	$(PY) -m pytest
 
 # A Bento (service code + the model from the store), the input to `bentoml containerize`.
 bento: $(MODEL)
 	$(PY) -m export $(RUN)/best.pt --out $(MODEL) --name $(MODEL_NAME) --bentoml $(MODEL_NAME)
 	$(BIN)/bentoml build
+
+# The container image from that Bento, built with podman from a local base image (no registry), and
+# run: docs/deployment.md. container-tools installs podman, runc and debootstrap when missing (as root).
+IMAGE ?= keel:latest
+CONTAINER_ARGS ?=
+container-tools:
+	@deploy/container-tools.sh
+
+container: bento container-tools
+	BENTOML=$(BIN)/bentoml deploy/build-image.sh keel:latest $(IMAGE)
+
+# CONTAINER_ARGS: more `podman run` options, e.g. -e KEEL_TOP_K=3, or --device nvidia.com/gpu=all
+container-run:
+	CONTAINERS_CONF=$${CONTAINERS_CONF:-deploy/containers.conf} podman run --rm --init -p $(HOST):$(PORT):3000 \
+		$(CONTAINER_ARGS) $(IMAGE)
 
 # Every benchmark, then docs/benchmarks.md (benchmarks/__main__.py). Uses $(MODEL) and $(DATA) when they
 # exist, else makes a one-epoch model of the same architecture. Take it on a quiet machine: about 15 minutes.
