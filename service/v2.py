@@ -205,8 +205,9 @@ def parse_input(tensor: dict, binary: bytes, info: ModelInfo) -> np.ndarray:
     if "shared_memory_region" in parameters:
         raise ProtocolError("the shared-memory extension is not supported: send the data in the request")
     size_in_bytes = parameters.get("binary_data_size")
+    data = tensor.get("data")  # null counts as absent
     if size_in_bytes is not None:
-        if "data" in tensor:
+        if data is not None:
             raise ProtocolError(f"input {INPUT_NAME!r} has both 'data' and binary_data_size")
         if type(size_in_bytes) is not int or size_in_bytes != count * 4:
             raise ProtocolError(f"input {INPUT_NAME!r}: binary_data_size must be {count * 4} "
@@ -219,10 +220,10 @@ def parse_input(tensor: dict, binary: bytes, info: ModelInfo) -> np.ndarray:
         if binary:
             raise ProtocolError(f"{len(binary)} bytes of binary data after the JSON header, "
                                 "but no input has a binary_data_size parameter")
-        if "data" not in tensor:
+        if data is None:
             raise ProtocolError(f"input {INPUT_NAME!r} has neither 'data' nor a binary_data_size parameter")
         try:
-            array = np.asarray(tensor["data"])
+            array = np.asarray(data)
         except ValueError:  # ragged nesting
             raise ProtocolError(f"input {INPUT_NAME!r}: 'data' is a ragged nested list") from None
         if array.dtype.kind not in "iuf":  # booleans, strings, nulls, objects
@@ -251,7 +252,7 @@ def parse_output(output: object, default_binary: bool, classes: int) -> Requeste
 
 
 def _parameters(owner: dict, what: str) -> dict:
-    parameters = owner.get("parameters", {})
+    parameters = owner.get("parameters") or {}  # KServe's client sends null for none
     if not isinstance(parameters, dict):
         raise ProtocolError(f"{what}: 'parameters' must be a JSON object")
     return parameters

@@ -53,6 +53,10 @@ def test_nested_json_data_is_the_same_tensor():
     request = {"inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": list(batch.shape), "data": batch.tolist()}]}
     parsed = v2.parse_infer_request(json.dumps(request).encode(), None, INFO)
     assert np.array_equal(parsed.batch, batch) and parsed.outputs[0].binary is False
+    # as KServe's client writes it: nulls for what it leaves out
+    request.update(id=None, parameters=None, outputs=None)
+    request["inputs"][0]["parameters"] = None
+    assert np.array_equal(v2.parse_infer_request(json.dumps(request).encode(), None, INFO).batch, batch)
 
 
 PROBABILITIES = np.array([[0.1, 0.2, 0.7], [0.5, 0.3, 0.2], [0.2, 0.6, 0.2]], dtype=np.float32)
