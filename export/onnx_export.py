@@ -197,7 +197,9 @@ def rebuild(checkpoint: dict, checkpoint_path: Path) -> nn.Module:
     try:
         model = model_from_checkpoint(checkpoint)
     except (ValueError, TypeError, RuntimeError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # load_state_dict puts the useful part ("size mismatch for ...") on the lines after the first
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+        reason = " ".join(lines[:2])[:300]
         raise ExportError(f"{checkpoint_path}: cannot rebuild the model ({checkpoint.get('arch')!r}): {reason}") from None
     # A checkpoint with non-finite weights or batch-norm statistics (training never promotes one to
     # best.pt, but last.pt can be one) would export a model that answers NaN.
