@@ -322,7 +322,7 @@ def run(config: BatchConfig, stdin: Iterable[str] | None = None, log=None) -> di
     finally:
         writer.close()
     summary = {"images": len(todo), "succeeded": len(todo) - counts["failed"], "failed": counts["failed"],
-               "skipped": skipped, "seconds": round(elapsed, 2),
+               "skipped": skipped, "seconds": round(elapsed, 3),
                "images_per_second": round(len(todo) / elapsed, 1) if elapsed > 0 and todo else None,
                "output": config.output, "errors": errors}
     log(f"done: {summary['images']} images, {summary['succeeded']} succeeded, {summary['failed']} failed"
