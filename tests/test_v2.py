@@ -252,9 +252,10 @@ def test_bad_requests_get_4xx_json_errors(server, client, images):
 
 
 def test_two_models_and_readiness_before_warm_up(exported_model, tmp_path):
-    """/v2/health/ready is 503 until the engine has loaded and warmed up (held 5 s longer here), as
-    /readyz; then each served model answers under its own name."""
-    server = Server({"KEEL_MODELS": f"first={exported_model},second={exported_model}", "KEEL_WARMUP_DELAY_S": "5",
+    """/v2/health/ready is 503 until the engine has loaded and warmed up, as /readyz; then each served
+    model answers under its own name. Warm-up is held 12 s longer here: a readiness probe may wait up to
+    5 s for the engine (Classifier.__is_ready__), so the first probes must fall well inside the delay."""
+    server = Server({"KEEL_MODELS": f"first={exported_model},second={exported_model}", "KEEL_WARMUP_DELAY_S": "12",
                      "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "True"}, tmp_path / "server.log")
     try:
         seen, deadline = [], time.monotonic() + 120
