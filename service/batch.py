@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.inference import ModelLoadError, OnnxClassifier, read_model_info, resolve_model, top_k
+from service.inference import ModelLoadError, OnnxClassifier, container_cpus, read_model_info, resolve_model, top_k
 from service.preprocessing import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, PreprocessSpec, find_images, preprocess_bytes
 from service.progress import Progress
 
@@ -62,11 +62,12 @@ class BatchConfig:
     output: str  # .jsonl or .csv file, one row per input, appended chunk by chunk
     format: str = "auto"  # auto (from the output's extension: .csv is CSV, anything else JSONL) | jsonl | csv
     batch_size: int = 32  # images per ONNX Runtime call; measured, docs/benchmarks.md
-    workers: int = os.cpu_count() or 2  # decode/preprocess workers (local); Ray actors (ray)
+    workers: int = container_cpus()  # decode/preprocess workers (local engine), Ray actors (ray); one per usable CPU
     executor: str = "thread"  # thread | process: how the local engine decodes; threads measured faster here
     prefetch: int = 4  # chunks decoded ahead of inference, so a slow file never starves ONNX Runtime
     top_k: int = 5  # predictions per image
     device: str = "auto"  # auto | cuda | cpu
+    ort_threads: int = 0  # ONNX Runtime intra-op threads (local engine); 0 = one per usable CPU, as the service
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images (by their header) become error rows
     jpeg_draft: bool = True  # reduced-size decode of large JPEGs, as the service does (KEEL_JPEG_DRAFT)
     resume: bool = False  # skip inputs already in the output instead of starting it afresh
@@ -81,6 +82,8 @@ class BatchConfig:
         for name in ("batch_size", "workers", "prefetch", "top_k", "max_pixels"):
             if getattr(self, name) < 1:
                 raise BatchInputError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if self.ort_threads < 0:
+            raise BatchInputError(f"--ort-threads must be 0 (one per CPU) or more, not {self.ort_threads}")
 
     @property
     def output_format(self) -> str:
@@ -294,7 +297,7 @@ def run(config: BatchConfig, stdin: Iterable[str] | None = None, log=None) -> di
         todo = [item for item in items if item[0] not in writer.done]
         skipped = len(items) - len(todo)
         info = read_model_info(model_path) if config.engine == "ray" else None  # no session on the driver
-        classifier = None if config.engine == "ray" else OnnxClassifier(model_path, config.device)
+        classifier = None if config.engine == "ray" else OnnxClassifier(model_path, config.device, config.ort_threads)
         info = info or classifier.info
         where = f"on {classifier.provider}" if classifier else f"on Ray ({config.ray_address or 'local instance'})"
         log(f"classifying {len(todo)} images from {config.input} with {info.name} {info.version} {where}"
@@ -415,6 +418,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", type=int, default=defaults["prefetch"], help="chunks decoded ahead of inference")
     p.add_argument("--top-k", type=int, default=defaults["top_k"])
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default=defaults["device"])
+    p.add_argument("--ort-threads", type=int, default=defaults["ort_threads"],
+                   help="ONNX Runtime threads; 0 = one per CPU (fewer leave more CPU to decoding)")
     p.add_argument("--max-pixels", type=int, default=defaults["max_pixels"], help="larger images are error rows")
     p.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false",
                    help="always decode JPEGs at full size (the service's KEEL_JPEG_DRAFT=0)")
