@@ -3,6 +3,7 @@
 
   GET  /v2                                   server metadata: name, version, extensions
   GET  /v2/health/live, /v2/health/ready     200, or 503 while not ready (as /readyz)
+  POST /v2/repository/index                  the served models: [{"name", "version", "state"}]
   GET  /v2/models/{name}[/versions/{v}]      model metadata: input `input` FP32 [-1,3,S,S],
                                              output `probabilities` FP32 [-1,classes];
                                              `parameters` carries Keel's labels and preprocessing
@@ -399,6 +400,13 @@ def routes(config: ServiceConfig) -> list[Route]:
     async def metadata(request: Request) -> Response:
         return JSONResponse(model_metadata(find_model(request)))
 
+    async def index(request: Request) -> Response:
+        # Triton's repository index, how its clients discover the served models (loading and
+        # unloading, the rest of that extension, are not offered: models are fixed at start-up)
+        state = "READY" if await service_ready(current()) else "UNAVAILABLE"
+        return JSONResponse([{"name": info.name, "version": info.version, "state": state}
+                             for info in current().models.values()])
+
     async def model_ready(request: Request) -> Response:
         info = find_model(request)
         is_ready = await service_ready(current())
@@ -442,6 +450,7 @@ def routes(config: ServiceConfig) -> list[Route]:
         Route("/v2", handler(server), methods=["GET"]),
         Route("/v2/health/live", handler(live), methods=["GET"]),
         Route("/v2/health/ready", handler(ready), methods=["GET"]),
+        Route("/v2/repository/index", handler(index), methods=["POST"]),
         *[Route(path, handler(metadata), methods=["GET"]) for path in model_paths],
         *[Route(path + "/ready", handler(model_ready), methods=["GET"]) for path in model_paths],
         *[Route(path + "/config", handler(configuration), methods=["GET"]) for path in model_paths],

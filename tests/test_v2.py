@@ -273,6 +273,8 @@ def test_two_models_and_readiness_before_warm_up(exported_model, tmp_path):
         assert seen[0] == 503 and seen[-1] == 200, server.output()
         with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
             assert client.is_model_ready("first") and client.is_model_ready("second")
+            assert [(m["name"], m["state"]) for m in client.get_model_repository_index()] == [
+                ("first", "READY"), ("second", "READY")]
             size = client.get_model_metadata("second")["inputs"][0]["shape"][-1]
             batch = np.zeros((2, 3, size, size), dtype=np.float32)
             infer_input = triton.InferInput("input", list(batch.shape), "FP32")
