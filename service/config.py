@@ -47,10 +47,7 @@ class ServiceConfig:
                 raise ValueError(f"KEEL_{f.name.upper()} must be positive, not {value}")
         if self.cpu_threads < 0 or self.warmup_delay_s < 0:
             raise ValueError("KEEL_CPU_THREADS and KEEL_WARMUP_DELAY_S must not be negative")
-        names = [name for name, _ in self.model_refs()]
-        if self.default_model and self.default_model not in names:
-            raise ValueError(f"KEEL_DEFAULT_MODEL {self.default_model!r} is not one of the served models"
-                             f" ({', '.join(n for n in names if n) or 'KEEL_MODEL names its model itself'})")
+        self.model_refs()  # KEEL_MODELS is checked here; KEEL_DEFAULT_MODEL once the models' names are known
 
     def model_refs(self) -> list[tuple[str | None, str]]:
         """[(serving name, path or tag)], in configuration order. With KEEL_MODEL alone the name is
