@@ -142,6 +142,7 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, config:
         log(f"wrote {out_path} (parity: max |dp| {report['max_abs_diff']:.1e}, top-1 agreement "
             f"{report['top1_agreement']:.0%}) and {report_path(out_path).name}")
         reports = {"fp32": report}
+        warn_stale_variants(out_path, metadata["checkpoint_sha256"], config.variants, log)
         if not config.variants:
             return reports
 
@@ -179,6 +180,18 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, config:
         if refused:
             raise ExportError("; ".join(refused))
     return reports
+
+
+def warn_stale_variants(out_path: Path, checkpoint_sha256: str, written: tuple[str, ...], log: Log) -> None:
+    """Variant files left beside the new model by an export of another checkpoint are not ours to
+    delete, but nobody should mistake them for variants of this one (`--bentoml` skips them too)."""
+    for precision in PRECISIONS[1:]:
+        path = variant_path(out_path, precision)
+        if precision in written or not path.is_file():
+            continue
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        if props.get(METADATA_PREFIX + "checkpoint_sha256") != checkpoint_sha256:
+            log(f"warning: {path} is from another checkpoint; re-export with --{precision} or remove it")
 
 
 class Steps:
