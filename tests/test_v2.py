@@ -16,10 +16,9 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from service import v2
-from service.inference import INPUT_NAME, OUTPUT_NAME, ModelInfo
+from service.inference import INPUT_NAME, OUTPUT_NAME, ModelInfo, read_model_info
 from service.preprocessing import PreprocessSpec, find_images, preprocess_bytes
 from tests.conftest import Server
-from tests.test_service import classify_file
 
 LABELS = ("circle", "square", "star")
 INFO = ModelInfo(name="tiny", version="abc123", arch="alexnet_bn", labels=LABELS,
@@ -155,6 +154,14 @@ def test_decompress_both_encodings_and_refuses_bombs():
 # ----------------------------------------------------------------------------- against a real server
 
 
+def classify(url: str, image: bytes, top_k: int) -> list[dict]:
+    """/classify's predictions for a raw image body, what V2 is compared with."""
+    request = urllib.request.Request(f"{url}/classify?top_k={top_k}", data=image, method="POST",
+                                     headers={"Content-Type": "image/png"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())["predictions"]
+
+
 @pytest.fixture(scope="module")
 def client(server):
     with triton.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=60) as client_:
@@ -196,9 +203,7 @@ def test_infer_agrees_with_classify(server, client, images, binary):
     labels = client.get_model_metadata("keel-test")["parameters"]["labels"]
     assert result.get_response()["id"] == f"req-{binary}" and probabilities.shape == (len(files), len(labels))
     for data, row in zip(files, probabilities):
-        status, answer = classify_file(server.url, data, f"?top_k={len(labels)}")
-        assert status == 200
-        expected = {p["label"]: p["score"] for p in answer["predictions"]}
+        expected = {p["label"]: p["score"] for p in classify(server.url, data, len(labels))}
         assert np.allclose(row, [expected[label] for label in labels], atol=1e-5)
 
 
@@ -213,11 +218,10 @@ def test_classification_extension_and_compression(server, client, images):
         classes = result.as_numpy("probabilities")
         assert classes.shape == (len(files), 3)
         for data, row in zip(files, classes):
-            _, answer = classify_file(server.url, data, "?top_k=3")
+            predictions = classify(server.url, data, 3)
             strings = [c.decode() if isinstance(c, bytes) else c for c in row]
-            assert [s.split(":", 2)[2] for s in strings] == [p["label"] for p in answer["predictions"]]
-            assert [float(s.split(":")[0]) for s in strings] == pytest.approx(
-                [p["score"] for p in answer["predictions"]], abs=1e-5)
+            assert [s.split(":", 2)[2] for s in strings] == [p["label"] for p in predictions]
+            assert [float(s.split(":")[0]) for s in strings] == pytest.approx([p["score"] for p in predictions], abs=1e-5)
 
 
 def infer_error(client, model: str, array: np.ndarray, datatype: str = "FP32") -> InferenceServerException:
@@ -253,9 +257,13 @@ def test_bad_requests_get_4xx_json_errors(server, client, images):
 
 def test_two_models_and_readiness_before_warm_up(exported_model, tmp_path):
     """/v2/health/ready is 503 until the engine has loaded and warmed up, as /readyz; then each served
-    model answers under its own name. Warm-up is held 12 s longer here: a readiness probe may wait up to
-    5 s for the engine (Classifier.__is_ready__), so the first probes must fall well inside the delay."""
+    model answers under its own name, and bodies over KEEL_MAX_UPLOAD_BYTES get 413. Warm-up is held 12 s
+    longer here: a readiness probe may wait up to 5 s for the engine (Classifier.__is_ready__), so the
+    first probes must fall well inside the delay."""
+    size = read_model_info(exported_model).preprocessing.crop
+    image_bytes = 3 * size * size * 4
     server = Server({"KEEL_MODELS": f"first={exported_model},second={exported_model}", "KEEL_WARMUP_DELAY_S": "12",
+                     "KEEL_MAX_UPLOAD_BYTES": str(2 * image_bytes),
                      "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "True"}, tmp_path / "server.log")
     try:
         seen, deadline = [], time.monotonic() + 120
@@ -275,8 +283,7 @@ def test_two_models_and_readiness_before_warm_up(exported_model, tmp_path):
             assert client.is_model_ready("first") and client.is_model_ready("second")
             assert [(m["name"], m["state"]) for m in client.get_model_repository_index()] == [
                 ("first", "READY"), ("second", "READY")]
-            size = client.get_model_metadata("second")["inputs"][0]["shape"][-1]
-            batch = np.zeros((2, 3, size, size), dtype=np.float32)
+            batch = np.zeros((1, 3, size, size), dtype=np.float32)
             infer_input = triton.InferInput("input", list(batch.shape), "FP32")
             infer_input.set_data_from_numpy(batch)
             answers = {name: client.infer(name, [infer_input]) for name in ("first", "second")}
@@ -284,5 +291,7 @@ def test_two_models_and_readiness_before_warm_up(exported_model, tmp_path):
                 "first": "first", "second": "second"}
             assert np.array_equal(answers["first"].as_numpy("probabilities"), answers["second"].as_numpy("probabilities"))
             assert "unknown model 'keel-test'; this server has first, second" in infer_error(client, "keel-test", batch).message()
+            too_large = infer_error(client, "first", np.zeros((3, 3, size, size), dtype=np.float32))
+            assert too_large.status() == "413" and f"over the limit of {2 * image_bytes} bytes" in too_large.message()
     finally:
         server.stop()
