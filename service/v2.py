@@ -24,7 +24,10 @@ Request bodies may be gzip/deflate compressed (Content-Encoding) and responses a
 Accept-Encoding asks, as tritonclient's compression options expect. Bodies are capped at
 KEEL_MAX_UPLOAD_BYTES (after decompression). Errors are 4xx JSON {"error": "..."} as the protocol
 says: 400 for a malformed request, 404 for an unknown model, version or route, 413 for a body over
-the cap; 503 when the engine cannot answer.
+the cap; 503 (with Retry-After) when the engine cannot answer in time.
+Not offered: the shared-memory extensions (400), statistics, tracing, logging and model load/unload
+(404); other request parameters (priority, timeout, sequence_*) are accepted and ignored, as the
+service's own request timeout and batcher govern every request alike.
 
 Pure translation functions (request bytes -> arrays, arrays -> response bytes) come first; the
 Starlette handlers at the end only add HTTP and call the current service.
