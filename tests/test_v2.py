@@ -221,7 +221,8 @@ def test_classification_extension_and_compression(server, client, images):
             predictions = classify(server.url, data, 3)
             strings = [c.decode() if isinstance(c, bytes) else c for c in row]
             assert [s.split(":", 2)[2] for s in strings] == [p["label"] for p in predictions]
-            assert [float(s.split(":")[0]) for s in strings] == pytest.approx([p["score"] for p in predictions], abs=1e-5)
+            scores = [float(s.split(":")[0]) for s in strings]
+            assert scores == pytest.approx([p["score"] for p in predictions], abs=1e-5)
 
 
 def infer_error(client, model: str, array: np.ndarray, datatype: str = "FP32") -> InferenceServerException:
@@ -289,8 +290,10 @@ def test_two_models_and_readiness_before_warm_up(exported_model, tmp_path):
             answers = {name: client.infer(name, [infer_input]) for name in ("first", "second")}
             assert {name: result.get_response()["model_name"] for name, result in answers.items()} == {
                 "first": "first", "second": "second"}
-            assert np.array_equal(answers["first"].as_numpy("probabilities"), answers["second"].as_numpy("probabilities"))
-            assert "unknown model 'keel-test'; this server has first, second" in infer_error(client, "keel-test", batch).message()
+            first, second = (answers[name].as_numpy("probabilities") for name in ("first", "second"))
+            assert np.array_equal(first, second)  # one model file under two names
+            unknown = infer_error(client, "keel-test", batch).message()
+            assert "unknown model 'keel-test'; this server has first, second" in unknown
             too_large = infer_error(client, "first", np.zeros((3, 3, size, size), dtype=np.float32))
             assert too_large.status() == "413" and f"over the limit of {2 * image_bytes} bytes" in too_large.message()
     finally:
