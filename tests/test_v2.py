@@ -259,8 +259,8 @@ def test_bad_requests_get_4xx_json_errors(server, client, images):
 def test_two_models_and_readiness_before_warm_up(exported_model, tmp_path):
     """/v2/health/ready is 503 until the engine has loaded and warmed up, as /readyz; then each served
     model answers under its own name, and bodies over KEEL_MAX_UPLOAD_BYTES get 413. Warm-up is held 12 s
-    longer here: a readiness probe may wait up to 5 s for the engine (Classifier.__is_ready__), so the
-    first probes must fall well inside the delay."""
+    longer here: a readiness probe may itself wait seconds for the engine (Classifier.__is_ready__) and
+    then see it ready, so the first probes must fall well inside the delay."""
     size = read_model_info(exported_model).preprocessing.crop
     image_bytes = 3 * size * size * 4
     server = Server({"KEEL_MODELS": f"first={exported_model},second={exported_model}", "KEEL_WARMUP_DELAY_S": "12",
