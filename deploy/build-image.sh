@@ -15,6 +15,7 @@ REPO=$(dirname "$HERE")
 BENTO=${1:-keel:latest}
 IMAGE=${2:-keel:latest}
 BENTOML=${BENTOML:-$REPO/.venv/bin/bentoml}
+BENTOML=$(realpath "$(command -v "$BENTOML")") || { echo "deploy/build-image.sh: no bentoml command (make setup)" >&2; exit 2; }
 export BENTOML_HOME=$(realpath -m "${BENTOML_HOME:-$REPO/.bentoml}")
 export BENTOML_DO_NOT_TRACK=True
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$HERE/containers.conf}
