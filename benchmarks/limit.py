@@ -5,10 +5,13 @@
 - inference: the exported model in one ONNX Runtime session (the service's `OnnxClassifier`, so
   the same threads and providers), per batch size, on ready tensors: images/s and ms per call;
 - preprocessing: decode + resize + crop + normalize (`service.preprocessing.preprocess_bytes`)
-  per image, for photo-like JPEGs of 500x375 and 1920x1080, and the decode alone;
-- the in-process pipeline the service is compared with (benchmarks/service_load.py): one image
-  at a time (preprocess, then a batch of 1) for latency, and the batch job's scheme for
-  throughput (a thread per core preprocessing one chunk ahead of ONNX Runtime).
+  per image, for photo-like JPEGs of 500x375 and 1920x1080, and the decode alone; with the full
+  JPEG decode and with the reduced (draft) decode the service and batch job use by default
+  (KEEL_JPEG_DRAFT);
+- the in-process pipeline the service is compared with (benchmarks/service_load.py), with the
+  service's default preprocessing: one image at a time (preprocess, then a batch of 1) for
+  latency, and the batch job's scheme for throughput (a thread per core preprocessing one chunk
+  ahead of ONNX Runtime).
 Every number is the median of `repeats` timed runs, with min-max (and the IQR in the JSON).
 """
 
@@ -114,28 +117,35 @@ def bench_preprocessing(spec, config: LimitConfig) -> list[dict]:
     rows = []
     for width, height in config.jpeg_sizes:
         images = [photo_like(width, height, seed) for seed in range(config.images_per_run)]
-        full, decode = [], []
-        for _ in range(config.repeats):
-            t0 = time.perf_counter()
-            for data in images:
-                preprocess_bytes(data, spec)
-            t1 = time.perf_counter()
-            for data in images:
-                decode_image(data)
-            t2 = time.perf_counter()
-            full.append((t1 - t0) / len(images) * 1000)
-            decode.append((t2 - t1) / len(images) * 1000)
-        rows.append({"size": f"{width}x{height}", "jpeg_kib": round(sum(map(len, images)) / len(images) / 1024, 1),
-                     "ms_per_image": spread(full), "decode_ms_per_image": spread(decode)})
-        print(f"  preprocess {width}x{height}: {fmt(rows[-1]['ms_per_image'], 2)} ms/image", file=sys.stderr)
+        for draft in (False, True):
+            full, decode = [], []
+            for _ in range(config.repeats):
+                t0 = time.perf_counter()
+                for data in images:
+                    preprocess_bytes(data, spec, draft=draft)
+                t1 = time.perf_counter()
+                for data in images:
+                    decode_image(data, draft_to=spec.resize if draft else None)
+                t2 = time.perf_counter()
+                full.append((t1 - t0) / len(images) * 1000)
+                decode.append((t2 - t1) / len(images) * 1000)
+            rows.append({"size": f"{width}x{height}", "jpeg_kib": round(sum(map(len, images)) / len(images) / 1024, 1),
+                         "decode": "reduced (draft)" if draft else "full", "ms_per_image": spread(full),
+                         "decode_ms_per_image": spread(decode)})
+            print(f"  preprocess {width}x{height} {rows[-1]['decode']} decode: {fmt(rows[-1]['ms_per_image'], 2)} "
+                  f"ms/image", file=sys.stderr)
     return rows
 
 
-def bench_pipeline(classifier, images: list[bytes], config: LimitConfig) -> dict:
-    """Preprocess + inference in one process: the best a server could do with these images."""
+def bench_pipeline(classifier, images: list[bytes], config: LimitConfig, draft: bool = True) -> dict:
+    """Preprocess + inference in one process: the best a server could do with these images.
+    `draft`: the reduced JPEG decode, as the service does by default (KEEL_JPEG_DRAFT)."""
+    from functools import partial
+
     from service.preprocessing import preprocess_bytes
 
     spec = classifier.info.preprocessing
+    preprocess_bytes = partial(preprocess_bytes, draft=draft)
     single = []
     for _ in range(config.repeats):
         durations = time_calls(lambda: classifier.predict(preprocess_bytes(images[0], spec)[None]),
@@ -159,8 +169,8 @@ def bench_pipeline(classifier, images: list[bytes], config: LimitConfig) -> dict
             t0 = time.perf_counter()
             run_once()
             throughput.append(len(stream) / (time.perf_counter() - t0))
-    return {"image": "500x375 JPEG", "single_image_ms": spread(single), "images_per_s": spread(throughput),
-            "batch": config.pipeline_batch, "threads": os.cpu_count() or 2}
+    return {"image": "500x375 JPEG", "draft": draft, "single_image_ms": spread(single),
+            "images_per_s": spread(throughput), "batch": config.pipeline_batch, "threads": os.cpu_count() or 2}
 
 
 def run(config: LimitConfig) -> dict:
@@ -199,11 +209,12 @@ def render(results: dict) -> str:
     lines += [f"| {r['batch_size']} | {fmt(r['images_per_s'], 0)} | {fmt(r['ms_per_batch'], 2)} |"
               for r in results["inference"]]
     lines += ["", "Preprocessing one photo-like JPEG (decode, resize, centre crop, normalize):", "",
-              "| JPEG | size | ms per image | of which decode |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['size']} | {r['jpeg_kib']} KiB | {fmt(r['ms_per_image'], 2)} | {fmt(r['decode_ms_per_image'], 2)} |"
-              for r in results["preprocessing"]]
+              "| JPEG | size | JPEG decode | ms per image | of which decode |", "|---|---:|---|---:|---:|"]
+    lines += [f"| {r['size']} | {r['jpeg_kib']} KiB | {r.get('decode', 'full')} | {fmt(r['ms_per_image'], 2)} "
+              f"| {fmt(r['decode_ms_per_image'], 2)} |" for r in results["preprocessing"]]
     p = results["pipeline"]
-    lines += ["", f"In-process pipeline on {p['image']}s (the service's yardstick): one image at a time "
+    lines += ["", f"In-process pipeline on {p['image']}s (the service's yardstick, with its default "
+              f"{'reduced' if p.get('draft') else 'full'} JPEG decode): one image at a time "
               f"{fmt(p['single_image_ms'], 2)} ms; at full throughput ({p['threads']} preprocessing threads one "
               f"chunk of {p['batch']} ahead of ONNX Runtime) {fmt(p['images_per_s'], 0)} images/s.", ""]
     return "\n".join(lines)

@@ -6,7 +6,7 @@ Starts each server for real on 127.0.0.1 and drives it with a closed-loop load g
 (asyncio + aiohttp: `concurrency` clients, each sending its next request when the last one is
 answered), every run bounded by a request count and a time:
 - Keel as shipped (`bentoml serve`, adaptive batching, KEEL_* defaults);
-- Keel with batching off (KEEL_MAX_BATCH_SIZE=1);
+- Keel with batching off (KEEL_MAX_BATCH_SIZE=1), and with two HTTP workers (KEEL_WORKERS=2);
 - Keel with tighter latency budgets (KEEL_MAX_LATENCY_MS), at the higher concurrencies;
 - the peer, benchmarks/peer_server.py under uvicorn (per-request inference, no batching).
 Every request is a multipart upload of a photo-like 500x375 JPEG, as `curl -F image=@...` sends.
@@ -50,17 +50,18 @@ class LoadConfig:
     model: str = "artifacts/model.onnx"  # an exported Keel model
     concurrency: tuple[int, ...] = (1, 4, 16, 64)  # clients, each with one request in flight
     repeats: int = 3  # runs per level; medians and spread over these
-    run_seconds: float = 4.0  # a run stops sending after this long...
+    run_seconds: float = 3.0  # a run stops sending after this long...
     max_requests: int = 5000  # ...or after this many requests, whichever comes first
     warmup_requests: int = 64  # per level, untimed
     budgets_ms: tuple[int, ...] = (10, 50)  # KEEL_MAX_LATENCY_MS values tried beside the default
     budget_concurrency: tuple[int, ...] = (16, 64)
+    workers_concurrency: tuple[int, ...] = (1, 4, 16, 64)  # levels for KEEL_WORKERS=2
     image: tuple[int, int] = (500, 375)  # JPEG size uploaded
 
     @classmethod
     def quick(cls, model: str) -> LoadConfig:
         return cls(model=model, concurrency=(1, 16), repeats=2, run_seconds=0.3, max_requests=100,
-                   warmup_requests=4, budgets_ms=(), budget_concurrency=())
+                   warmup_requests=4, budgets_ms=(), budget_concurrency=(), workers_concurrency=())
 
 
 def free_port() -> int:
@@ -246,12 +247,16 @@ def run(config: LoadConfig, out: Path) -> dict:
         plan = [("keel", "Keel (adaptive batching, defaults)", keel(config.model, logs, "keel"), config.concurrency),
                 ("keel_unbatched", "Keel, batching off (KEEL_MAX_BATCH_SIZE=1)",
                  keel(config.model, logs, "keel_unbatched", KEEL_MAX_BATCH_SIZE="1"), config.concurrency),
+                ("keel_workers2", "Keel, 2 HTTP workers (KEEL_WORKERS=2)",
+                 keel(config.model, logs, "keel_workers2", KEEL_WORKERS="2"), config.workers_concurrency),
                 ("peer", "Peer: Starlette + ONNX Runtime, uvicorn, per-request", peer(config.model, logs),
                  config.concurrency)]
         plan += [(f"keel_budget_{ms}ms", f"Keel, KEEL_MAX_LATENCY_MS={ms}",
                   keel(config.model, logs, f"keel_budget_{ms}ms", KEEL_MAX_LATENCY_MS=str(ms)),
                   config.budget_concurrency) for ms in config.budgets_ms]
         for key, label, launcher, levels in plan:
+            if not levels:
+                continue
             with launcher as server:
                 servers[key] = {"label": label, "levels": measure(server, bodies, config, levels)}
 
@@ -280,7 +285,9 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, style in (("keel", "o-"), ("keel_unbatched", "s--"), ("peer", "^-")):
+    for key, style in (("keel", "o-"), ("keel_unbatched", "s--"), ("keel_workers2", "d-."), ("peer", "^-")):
+        if key not in results["servers"]:
+            continue
         rows = results["servers"][key]["levels"]
         x = [r["concurrency"] for r in rows]
         for axis, metric in ((left, "throughput"), (right, "p99_ms")):
