@@ -39,13 +39,17 @@ ARCHS = ("alexnet", "alexnet_bn", "inception_v1_bn", "inception_v3")
 
 @dataclass(frozen=True)
 class StudyConfig:
-    train_per_class: int = 150  # shapes images per class for training (64 px); val and test get 20 each
+    train_per_class: int = 500  # shapes images per class for training (64 px); val and test get 20 each
     width: float = 0.25  # AlexNet channel multiplier: a quarter of 64-192-384-256-256
     image_size: int = 64  # the shapes images' own size: no resizing
-    epochs: int = 8  # enough for (d) to learn the shapes well
-    batch_size: int = 32  # images per step
-    lr: float = 0.08  # SGD peak learning rate, no warmup: several times what plain AlexNet survives
-    clip_threshold: float = 1.0  # global-norm clipping in (b) and (d)
+    epochs: int = 10  # ~800 steps: enough for (d) to learn the shapes well
+    batch_size: int = 64  # images per step
+    # SGD peak learning rate from the first step (no warmup), then cosine decay: plain AlexNet
+    # overflows to NaN within ~10 steps at 1.0 and learns nothing (but survives) at 0.1-0.3.
+    lr: float = 1.0
+    # global-norm clipping in (b) and (d); tight, so that at lr 1.0 a step moves the weights by at
+    # most lr x 0.05 (before momentum): with BN that learns as well as lr 0.02 unclipped
+    clip_threshold: float = 0.05
     seed: int = 0  # the same initial weights and data order in every set-up
 
     def variants(self) -> dict[str, dict]:
@@ -60,7 +64,7 @@ class StudyConfig:
 
 LABELS = {"a": "(a) no BN, no clipping", "b": "(b) clipping only", "c": "(c) BN only",
           "d": "(d) BN + clipping + guard"}
-QUICK = StudyConfig(train_per_class=6, width=0.125, epochs=1, batch_size=16)  # seconds: machinery only
+QUICK = StudyConfig(train_per_class=6, width=0.125, epochs=1, batch_size=16, lr=0.1, clip_threshold=1.0)  # seconds: machinery only
 
 
 def run_study(config: StudyConfig, data: Path, work: Path, figures: Path) -> dict:
@@ -150,16 +154,21 @@ def run_recipes(data: Path, work: Path, archs: tuple[str, ...] = ARCHS) -> dict:
         out = work / f"recipe-{arch}"
         shutil.rmtree(out, ignore_errors=True)
         print(f"recipe {arch}: {recipe}", file=sys.stderr)
-        started = time.perf_counter()
-        summary = train(TrainConfig(**{**recipe, "data": str(data), "out": str(out), "device": "cpu"}))
-        results[arch] = {"recipe": f"training/recipes/{arch}.yaml", "test_acc": summary["test_acc"],
-                         "test_top5": summary["test_top5"], "best_val_acc": summary["best_val_acc"],
-                         "epochs": recipe["epochs"], "width": recipe["width"], "image_size": recipe["image_size"],
-                         "skipped_steps": summary["stability"]["skipped_steps"],
-                         "rollbacks": summary["stability"]["rollbacks"],
-                         "grad_norm_max": summary["stability"]["grad_norm_max"],
-                         "minutes": round((time.perf_counter() - started) / 60, 1)}
+        train(TrainConfig(**{**recipe, "data": str(data), "out": str(out), "device": "cpu"}))
+        results[arch] = recipe_result(arch, out)
     return results
+
+
+def recipe_result(arch: str, run: Path) -> dict:
+    """The table row of a finished recipe run, from its run directory."""
+    summary = json.loads((run / "summary.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    seconds = sum(json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines())
+    return {"recipe": f"training/recipes/{arch}.yaml", "test_acc": summary["test_acc"], "test_top5": summary["test_top5"],
+            "best_val_acc": summary["best_val_acc"], "epochs": config["epochs"], "width": config["width"],
+            "image_size": config["image_size"], "skipped_steps": summary["stability"]["skipped_steps"],
+            "rollbacks": summary["stability"]["rollbacks"], "grad_norm_max": summary["stability"]["grad_norm_max"],
+            "minutes": round(seconds / 60, 1)}
 
 
 def render(study: dict | None, recipes: dict | None, machine: str) -> str:
@@ -173,9 +182,9 @@ def render(study: dict | None, recipes: dict | None, machine: str) -> str:
             "## The explosion study", "",
             f"AlexNet (width {c['width']}, {c['image_size']} px, no dropout) on the built-in shapes data set "
             f"({c['train_per_class']} training images per class, 10 classes; test split 20 per class), "
-            f"{c['epochs']} epochs of SGD with Nesterov momentum 0.9 at a constant-then-cosine learning rate "
-            f"of {c['lr']} without warmup, batch {c['batch_size']}, seed {c['seed']}: the same data order and "
-            "initial weights in every set-up. Clipping is by global norm at "
+            f"{c['epochs']} epochs of SGD with Nesterov momentum 0.9, learning rate {c['lr']} from the first step "
+            f"(no warmup) with cosine decay, batch {c['batch_size']}, weight decay 5e-4, seed {c['seed']}: the same "
+            "data order and initial weights in every set-up. Clipping is by global norm at "
             f"{c['clip_threshold']}. Without the guard (a-c) a non-finite loss ends the run; with it (d) such "
             "a step is skipped and repeated divergence rolls back to the last good state.", "",
             "| set-up | final test accuracy | skipped steps | rollbacks | max grad norm | diverged |",
@@ -198,7 +207,7 @@ def render(study: dict | None, recipes: dict | None, machine: str) -> str:
                   "Each architecture trained at its recipe (`training/recipes/<arch>.yaml`, CPU, small width) on "
                   "the full built-in shapes data set (`python -m training.shapes` defaults); test split accuracy "
                   "of the best checkpoint. Reproduce: `python -m training.study --recipes`.", "",
-                  "| arch | recipe | width | image size | epochs | test top-1 | test top-5 | skipped | rollbacks | max grad norm | minutes |",
+                  "| arch | recipe | width | image size | epochs | test top-1 | test top-5 | skipped | rollbacks | max grad norm | training minutes |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for arch, r in recipes.items():
             lines.append(f"| `{arch}` | [{Path(r['recipe']).name}](../{r['recipe']}) | {r['width']} | {r['image_size']} | "
@@ -212,9 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="docs", help="folder for stability.md; plots and results go to OUT/stability/")
     parser.add_argument("--work", help="folder for the runs and data (default: a temporary folder, removed)")
-    parser.add_argument("--recipes", action="store_true", help="also train every architecture at its recipe")
+    parser.add_argument("--recipes", nargs="*", choices=ARCHS, metavar="ARCH",
+                        help=f"also train these architectures (default: all of {', '.join(ARCHS)}) at their recipes")
     parser.add_argument("--only-recipes", action="store_true", help="train the recipes, skip the four set-ups")
     parser.add_argument("--quick", action="store_true", help="a few seconds on a micro data set (checks the machinery)")
+    parser.add_argument("--render", action="store_true", help="only rewrite stability.md from the saved results")
     args = parser.parse_args(argv)
 
     from benchmarks.common import machine
@@ -224,18 +235,23 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="keel-study-"))
     config = QUICK if args.quick else StudyConfig()
     try:
-        if not args.only_recipes:
+        if args.render:
+            pass
+        elif not args.only_recipes:
             data = generate_dataset(work / "data-study", ShapesConfig(size=config.image_size,
                                     train_per_class=config.train_per_class, val_per_class=20 if not args.quick else 2,
                                     test_per_class=20 if not args.quick else 2), progress=False)
             study = run_study(config, data, work / "study", figures)
             (figures / "study.json").write_text(json.dumps(study, indent=2) + "\n")
-        if args.recipes or args.only_recipes:
+        if not args.render and (args.recipes is not None or args.only_recipes):
             shapes = ShapesConfig() if not args.quick else ShapesConfig(train_per_class=6, val_per_class=2, test_per_class=2)
             data = generate_dataset(work / "data-full", shapes, progress=not args.quick)
-            recipes = run_recipes(data, work) if not args.quick else {}
-            if recipes:
-                (figures / "recipes.json").write_text(json.dumps(recipes, indent=2) + "\n")
+            recipes = run_recipes(data, work / "recipes", tuple(args.recipes or ARCHS)) if not args.quick else {}
+            if recipes:  # merged into the earlier results, so architectures can be measured one at a time
+                path = figures / "recipes.json"
+                earlier = json.loads(path.read_text()) if path.exists() else {}
+                merged = {arch: {**earlier, **recipes}[arch] for arch in ARCHS if arch in {**earlier, **recipes}}
+                path.write_text(json.dumps(merged, indent=2) + "\n")
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
