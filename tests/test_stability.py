@@ -62,3 +62,21 @@ def test_a_run_that_keeps_diverging_gives_up_with_a_clear_error(tmp_path):
     lrs = [r["lr"] for r in steps]
     assert lrs[2] < lrs[1] and lrs[4] < lrs[3]  # each rollback halves the learning rate
 
+
+
+def test_without_the_guard_a_non_finite_step_ends_the_run(tmp_path):
+    """--no-guard (the study's set-ups a-c): nothing is skipped or rolled back; the first NaN loss stops
+    the run with a clear error, and the step log says where."""
+    from training.config import TrainConfig
+    from training.shapes import ShapesConfig, generate_dataset
+    from training.train import train
+
+    data = generate_dataset(tmp_path / "data", ShapesConfig(size=64, train_per_class=2, val_per_class=1,
+                                                            test_per_class=0), progress=False)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "run"), arch="alexnet_bn", width=0.125, image_size=64,
+                         resize=64, std=(0.0, 0.0, 0.0), epochs=1, batch_size=4, workers=0, guard=False)
+    with pytest.raises(TrainingDiverged, match="at step 1: non-finite loss or gradient, with the guard off"), \
+            np.errstate(all="ignore"):
+        train(config)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 1 and steps[0]["loss"] is None and "diverged" in steps[0]

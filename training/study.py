@@ -67,30 +67,48 @@ LABELS = {"a": "(a) no BN, no clipping", "b": "(b) clipping only", "c": "(c) BN 
 QUICK = StudyConfig(train_per_class=6, width=0.125, epochs=1, batch_size=16, lr=0.1, clip_threshold=1.0)  # seconds: machinery only
 
 
-def run_study(config: StudyConfig, data: Path, work: Path, figures: Path) -> dict:
-    """Train the four set-ups; returns their results and writes the plots into `figures`."""
-    results = {}
+def run_study(config: StudyConfig, data: Path, work: Path, figures: Path, jobs: int = 1) -> dict:
+    """Train the four set-ups (`jobs` at a time, one thread each when more than one); returns their
+    results and writes the plots into `figures`."""
+    configs = {}
     for name, changes in config.variants().items():
         out = work / name
         shutil.rmtree(out, ignore_errors=True)
-        train_config = TrainConfig(
+        configs[name] = TrainConfig(
             data=str(data), out=str(out), width=config.width, image_size=config.image_size, resize=config.image_size,
             model_args={"dropout": 0.0}, epochs=config.epochs, batch_size=config.batch_size, optimizer="sgd",
             lr=config.lr, warmup_epochs=0.0, weight_decay=5e-4, label_smoothing=0.0, clip_threshold=config.clip_threshold,
             layer_norms_every=5, workers=0, seed=config.seed, device="cpu", **changes,
         )
-        print(f"study {LABELS[name]}: {changes}", file=sys.stderr)
-        results[name] = run_variant(train_config)
+    if jobs > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=torch_threads, initargs=(1,)) as pool:
+            futures = {name: pool.submit(run_variant, train_config) for name, train_config in configs.items()}
+            results = {name: future.result() for name, future in futures.items()}
+    else:
+        results = {name: run_variant(train_config) for name, train_config in configs.items()}
+    for name in results:
+        out = work / name
         if (out / "steps.png").exists():
             shutil.copy(out / "steps.png", figures / f"study_{name}_steps.png")
     plot_study({name: work / name / "steps.jsonl" for name in results}, results, figures / "study.png")
     return {"config": dataclasses.asdict(config), "variants": results}
 
 
+def torch_threads(count: int) -> None:
+    import torch
+
+    torch.set_num_threads(count)
+
+
 def run_variant(config: TrainConfig) -> dict:
     from training.monitor import plot_steps
     from training.train import train
 
+    print(f"study {config.arch}, clip {config.clip}, guard {config.guard}: {config.out}", file=sys.stderr)
     started = time.perf_counter()
     error = None
     try:
@@ -128,13 +146,12 @@ def plot_study(logs: dict[str, Path], results: dict, path: Path) -> None:
         loss = [r["loss"] if r["loss"] is not None else np.nan for r in steps]
         norm = [r["grad_norm"] if r["grad_norm"] is not None else np.nan for r in steps]
         label = LABELS[name] + (" - diverged" if results[name]["diverged"] else "")
-        line, = top.plot(x, loss, lw=0.8, label=label)
+        line, = top.semilogy(x, loss, lw=0.8, label=label)
         bottom.semilogy(x, norm, lw=0.8, color=line.get_color())
         if results[name]["diverged"]:  # where the run ended: its last loss was not finite
             top.axvline(x[-1], color=line.get_color(), ls=":", lw=1)
             bottom.axvline(x[-1], color=line.get_color(), ls=":", lw=1)
-    top.set_ylabel("training loss")
-    top.set_ylim(0, max(6.0, top.get_ylim()[0]))
+    top.set_ylabel("training loss (log)")
     top.legend(fontsize=8)
     bottom.set_ylabel("global grad norm (before clipping)")
     bottom.set_xlabel("step")
@@ -225,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"also train these architectures (default: all of {', '.join(ARCHS)}) at their recipes")
     parser.add_argument("--only-recipes", action="store_true", help="train the recipes, skip the four set-ups")
     parser.add_argument("--quick", action="store_true", help="a few seconds on a micro data set (checks the machinery)")
+    parser.add_argument("--jobs", type=int, default=1, help="set-ups trained at once (each on one thread)")
     parser.add_argument("--render", action="store_true", help="only rewrite stability.md from the saved results")
     args = parser.parse_args(argv)
 
@@ -241,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             data = generate_dataset(work / "data-study", ShapesConfig(size=config.image_size,
                                     train_per_class=config.train_per_class, val_per_class=20 if not args.quick else 2,
                                     test_per_class=20 if not args.quick else 2), progress=False)
-            study = run_study(config, data, work / "study", figures)
+            study = run_study(config, data, work / "study", figures, args.jobs)
             (figures / "study.json").write_text(json.dumps(study, indent=2) + "\n")
         if not args.render and (args.recipes is not None or args.only_recipes):
             shapes = ShapesConfig() if not args.quick else ShapesConfig(train_per_class=6, val_per_class=2, test_per_class=2)

@@ -264,12 +264,15 @@ class Trainer:
         was_clipped = was_clipped > 0.5
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if not self.guard:
-            if not finite:
-                self.steps_log.write(step=step, epoch=epoch, lr=lr, loss=None, grad_norm=None, clipped=was_clipped,
-                                     skipped=False)
+            # Nothing is skipped or rolled back; a run that diverges (non-finite, or the loss far above
+            # its running median: the monitor's test) stops there, as there is no way back without the guard.
+            diverging = self.monitor.observe(step, loss_value) if finite else "non-finite loss or gradient"
+            if diverging:
+                self.steps_log.write(step=step, epoch=epoch, lr=lr, loss=loss_value if math.isfinite(loss_value) else None,
+                                     grad_norm=grad_norm if math.isfinite(grad_norm) else None, clipped=was_clipped,
+                                     skipped=False, diverged=diverging)
                 self.steps_log.flush()
-                raise TrainingDiverged(f"training diverged at step {step}: loss {loss_value}, gradient norm {grad_norm} "
-                                       "with the non-finite guard off")
+                raise TrainingDiverged(f"training diverged at step {step}: {diverging}, with the guard off")
             precision.step(optimizer)
             self.grad_norms.append(grad_norm)
             self.total_clipped += was_clipped
