@@ -88,7 +88,7 @@ container-run:
 # exist, else makes a one-epoch model of the same architecture. Take it on a quiet machine: about 15 minutes.
 # QUICK=1: a smoke run of a few seconds per module into build/bench-quick/, leaving docs/ alone.
 bench: $(STAMP)
-	$(PY) -m benchmarks --model $(MODEL) --data $(DATA) $(if $(QUICK),--quick)
+	$(PY) -m benchmarks --model $(MODEL) --checkpoint $(RUN)/best.pt --data $(DATA) $(if $(QUICK),--quick)
 
 # Refresh the pins of everything the direct requirements pull in (torch is pinned in train.txt).
 lock: $(STAMP)

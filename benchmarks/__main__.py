@@ -1,15 +1,16 @@
 """Rerun every benchmark and assemble docs/benchmarks.md: `make bench` (or `make bench QUICK=1`).
 
-`python -m benchmarks [--quick] [--model artifacts/model.onnx] [--data data/shapes] [--only NAME ...]`
+`python -m benchmarks [--quick] [--model artifacts/model.onnx] [--checkpoint runs/quickstart/best.pt]
+                     [--data data/shapes] [--only NAME ...]`
 
-1. Prepares what the benchmarks need: the model and data set from `make model` when present;
-   otherwise a data set from `python -m training.shapes` and a one-epoch model of the quick-start
-   architecture (training and export CLIs) under artifacts/bench/ — speed does not depend on
-   accuracy, and `make serve` never picks that model up.
+1. Prepares what the benchmarks need: the data set, checkpoint and model from `make model` when
+   present; otherwise a data set from `python -m training.shapes`, a one-epoch checkpoint of the
+   quick-start architecture in runs/bench/ and its export in artifacts/bench/ (training and
+   export CLIs) — speed does not depend on accuracy, and `make serve` never picks them up.
 2. Runs each benchmark module that exists, one after another, each in its own process
    (`python -m benchmarks.<name> [--quick] --out DIR`), so one failing does not stop the rest.
-   The model and data set are passed on as KEEL_BENCH_MODEL and KEEL_BENCH_DATA (and as
-   --model to the modules that take it).
+   The model, checkpoint and data set are passed on as KEEL_BENCH_MODEL, KEEL_BENCH_CHECKPOINT
+   and KEEL_BENCH_DATA (and as --model to the modules that take it).
 3. Writes docs/benchmarks.md from every module's DIR/<name>.json with its `render()`: machine,
    date, command, the load average when the run started, then each section.
 A full run writes docs/benchmarks/ and docs/benchmarks.md (committed); --quick is a smoke check
@@ -44,21 +45,21 @@ def step(*args: str) -> None:
     subprocess.run([sys.executable, *args], cwd=REPO, check=True)
 
 
-def prepare(model: Path, data: Path) -> tuple[Path, Path]:
-    """(model, data) to benchmark: the given ones when they exist, else made here."""
+def prepare(model: Path, checkpoint: Path, data: Path) -> tuple[Path, Path, Path]:
+    """(model, checkpoint, data) to benchmark: the given ones when they exist, else made here."""
     if not (data / "dataset.json").is_file():
         step("-m", "training.shapes", "--out", str(data))
-    if model.is_file():
-        return model, data
-    bench_model = REPO / "artifacts" / "bench" / "model.onnx"
-    if not bench_model.is_file():
-        print(f"{model} does not exist (make model makes it): exporting a one-epoch model to {bench_model}",
-              file=sys.stderr)
-        run = REPO / "runs" / "bench"
-        if not (run / "best.pt").is_file():
-            step("-m", "training", "--data", str(data), "--out", str(run), *BENCH_TRAINING)
-        step("-m", "export", str(run / "best.pt"), "--out", str(bench_model), "--name", "keel-bench")
-    return bench_model, data
+    if not checkpoint.is_file():
+        checkpoint = REPO / "runs" / "bench" / "best.pt"
+        if not checkpoint.is_file():
+            print(f"no checkpoint (make train makes one): training one epoch into {checkpoint.parent}", file=sys.stderr)
+            step("-m", "training", "--data", str(data), "--out", str(checkpoint.parent), *BENCH_TRAINING)
+    if not model.is_file():
+        model = REPO / "artifacts" / "bench" / "model.onnx"
+        if not model.is_file():
+            print(f"no model (make model makes one): exporting {checkpoint} to {model}", file=sys.stderr)
+            step("-m", "export", str(checkpoint), "--out", str(model), "--name", "keel-bench")
+    return model, checkpoint, data
 
 
 def available(names: tuple[str, ...]) -> list[str]:
@@ -88,7 +89,7 @@ def assemble(out: Path, doc: Path, run_info: dict) -> str:
     lines += [f"- **Run**: {run_info['date']}, `{run_info['command']}`"
               f"{' (quick smoke run: not for comparison)' if run_info['quick'] else ''}, commit "
               f"`{run_info['commit']}`, load average {run_info['loadavg']} at the start",
-              f"- **Model**: `{run_info['model']}`", ""]
+              f"- **Model**: `{run_info['model']}` (checkpoint `{run_info.get('checkpoint')}`)", ""]
     if run_info.get("failed"):
         lines += [f"Failed this run (older results, if any, are shown): {', '.join(run_info['failed'])}.", ""]
     text = "\n".join(lines) + "\n" + "\n".join(sections)
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: each module in < 30 s, into build/")
     parser.add_argument("--model", type=Path, default=Path("artifacts/model.onnx"), help="exported model to use")
+    parser.add_argument("--checkpoint", type=Path, default=Path("runs/quickstart/best.pt"),
+                        help="checkpoint to use (the model's, for the export and training benchmarks)")
     parser.add_argument("--data", type=Path, default=Path("data/shapes"), help="shapes data set to use")
     parser.add_argument("--only", nargs="+", choices=MODULES, metavar="NAME", help=f"a subset of {', '.join(MODULES)}")
     parser.add_argument("--out", type=Path, help="results folder (default docs/benchmarks, or build/bench-quick)")
@@ -111,13 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     if not names:
         parser.error("no benchmark modules found")
 
-    model, data = prepare(args.model.resolve(), args.data.resolve())
+    model, checkpoint, data = prepare(args.model.resolve(), args.checkpoint.resolve(), args.data.resolve())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     run_info = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 "command": "make bench" + (" QUICK=1" if args.quick else ""), "quick": args.quick,
                 "commit": commit.stdout.strip() or "unknown", "loadavg": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
-                "model": str(model.relative_to(REPO) if model.is_relative_to(REPO) else model), "failed": []}
-    env = {**os.environ, "KEEL_BENCH_MODEL": str(model), "KEEL_BENCH_DATA": str(data)}
+                "model": str(model.relative_to(REPO) if model.is_relative_to(REPO) else model),
+                "checkpoint": str(checkpoint.relative_to(REPO) if checkpoint.is_relative_to(REPO) else checkpoint),
+                "failed": []}
+    env = {**os.environ, "KEEL_BENCH_MODEL": str(model), "KEEL_BENCH_CHECKPOINT": str(checkpoint),
+           "KEEL_BENCH_DATA": str(data)}
     started = time.monotonic()
     for index, name in enumerate(names, 1):
         argv_ = ["-m", f"benchmarks.{name}", "--out", str(out)] + (["--quick"] if args.quick else [])
