@@ -55,6 +55,10 @@ class BatchInputError(ValueError):
     """The job cannot start: its input or output is missing or unusable (exit status 2)."""
 
 
+class EngineError(RuntimeError):
+    """The Ray engine failed (cluster unreachable, actors dying); finished chunks stay, --resume goes on (exit 2)."""
+
+
 @dataclass(frozen=True)
 class BatchConfig:
     model: str  # .onnx path or BentoML model tag
@@ -377,11 +381,16 @@ def run_ray(items: list[Item], model_path: Path, config: BatchConfig, record: Ca
     started = not ray.is_initialized()
     if started:
         options = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-        if config.ray_address:
-            # Workers elsewhere import this package from an uploaded copy of it.
-            ray.init(address=config.ray_address, runtime_env={"py_modules": [str(Path(__file__).parent)]}, **options)
-        else:
-            ray.init(num_cpus=config.workers, **options)
+        try:
+            if config.ray_address:
+                # Workers elsewhere import this package from an uploaded copy of it.
+                ray.init(address=config.ray_address, runtime_env={"py_modules": [str(Path(__file__).parent)]},
+                         **options)
+            else:
+                ray.init(num_cpus=config.workers, **options)
+        except Exception as exc:  # unreachable address, no local resources: one line, not Ray's traceback
+            raise EngineError(f"cannot start or join Ray at {config.ray_address or 'a local instance'}: "
+                              f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
     try:
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # rows come back in input order, as locally
@@ -395,8 +404,12 @@ def run_ray(items: list[Item], model_path: Path, config: BatchConfig, record: Ca
             fn_constructor_kwargs=dict(model=model_path.read_bytes(), device=config.device, top_k=config.top_k,
                                        max_pixels=config.max_pixels, jpeg_draft=config.jpeg_draft),
         )
-        for batch in rows.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
-            record([json.loads(row) for row in batch["row"]])
+        try:
+            for batch in rows.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
+                record([json.loads(row) for row in batch["row"]])
+        except ray.exceptions.RayError as exc:
+            message = " ".join(str(exc).split())
+            raise EngineError(f"the Ray job failed: {message[:500]}") from None
     finally:
         if started:
             ray.shutdown()
@@ -435,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         summary = run(BatchConfig(**vars(args)))
-    except (BatchInputError, ModelLoadError) as exc:
+    except (BatchInputError, ModelLoadError, EngineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
