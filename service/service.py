@@ -195,7 +195,7 @@ class Classifier:
         answers nothing before); BentoML's /readyz answers 503 until then."""
         if self.runtime is None:
             try:
-                self.runtime = await asyncio.wait_for(self.engine.to_async.describe(), 5)
+                self.runtime = await asyncio.wait_for(self.engine.to_async.describe(), 2)
             except Exception:  # not listening yet, or still starting
                 return False
         return True

@@ -1,0 +1,117 @@
+"""The service under operational conditions, over real HTTP: start-up, readiness, overload, timeouts."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from service.preprocessing import find_images
+from tests.conftest import Server
+from tests.test_service import classify_file, raw_request
+
+WARMUP_DELAY_S = 6
+TIMEOUT_S = 3
+
+
+def get(url: str, timeout: float = 10) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def base_env(tmp_path, **extra) -> dict[str, str]:
+    return {"BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "True", **extra}
+
+
+def test_readiness_waits_for_warm_up_then_overload_and_timeouts_are_json(exported_model, shapes_data, tmp_path):
+    """One server, started with a deliberately slow warm-up, one request in progress at most and a
+    3 s request timeout:
+    - while warming up, /readyz is 503 and /classify a 503 JSON, never a hang;
+    - once warm, /readyz is 200 and /classify answers;
+    - a request past KEEL_MAX_CONCURRENCY is refused at once with 429 JSON;
+    - a request that is not done within KEEL_REQUEST_TIMEOUT_S (here a client that stalls mid-upload)
+      gets 503 JSON, and the server goes on answering."""
+    server = Server(base_env(tmp_path, KEEL_MODEL=str(exported_model), KEEL_WARMUP_DELAY_S=str(WARMUP_DELAY_S),
+                             KEEL_MAX_CONCURRENCY="1", KEEL_REQUEST_TIMEOUT_S=str(TIMEOUT_S)), tmp_path / "server.log")
+    image = find_images(shapes_data / "test")[0].read_bytes()
+    try:
+        seen = set()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert server.process.poll() is None, server.output()
+            try:
+                status, _ = get(server.url + "/readyz", timeout=15)
+            except OSError:  # not listening yet
+                time.sleep(0.2)
+                continue
+            seen.add(status)
+            if status == 200:
+                break
+            assert status == 503
+            if len(seen) == 1:  # once, while warming up: inference is refused cleanly
+                code, answer = classify_file(server.url, image)
+                assert code == 503 and "retry later" in answer["error"], answer
+            time.sleep(0.2)
+        assert seen == {503, 200}, (seen, server.output())
+        assert classify_file(server.url, image)[0] == 200
+
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as stalled:
+            # headers and a tenth of the body, then nothing: holds the only slot until the timeout
+            stalled.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                            b"Content-Length: %d\r\n\r\n" % len(image) + image[: len(image) // 10])
+            time.sleep(0.5)
+            code, answer = classify_file(server.url, image)
+            assert code == 429 and answer["error"], answer  # refused, not queued behind the stalled one
+            response = b""
+            while b"\r\n\r\n" not in response:
+                response += stalled.recv(65536)
+        head, body = response.split(b"\r\n\r\n", 1)
+        assert head.split()[1] == b"503" and b"retry-after" in head.lower()
+        assert f"timeout of {TIMEOUT_S} s" in json.loads(body[: int(head.lower().split(b"content-length:")[1].split()[0])])["error"]
+        assert classify_file(server.url, image)[0] == 200
+    finally:
+        server.stop()
+
+
+def test_gpu_required_but_not_obtained_stops_the_server_with_a_clear_message(exported_model, tmp_path):
+    """KEEL_DEVICE=cuda on this CPU machine: onnxruntime-gpu offers CUDA, the session cannot get it,
+    and the whole server stops with the reason instead of a worker respawning behind a live /livez."""
+    server = Server(base_env(tmp_path, KEEL_MODEL=str(exported_model), KEEL_DEVICE="cuda"), tmp_path / "server.log")
+    try:
+        with pytest.raises(RuntimeError) as error:
+            server.wait_ready(timeout=90)
+    finally:
+        server.stop()
+    log = server.log_path.read_text()
+    assert "keel: cannot start:" in log and "KEEL_DEVICE=cuda requires the GPU" in log, log[-3000:]
+    assert log.count("keel: cannot start:") == 1  # stopped, not respawning
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"KEEL_MODELS": "alexnet=MODEL,inception"}, "KEEL_MODELS entries are name=path_or_tag"),
+    ({"KEEL_MODEL": "MODEL", "KEEL_DEFAULT_MODEL": "nope"}, "KEEL_DEFAULT_MODEL 'nope' is not a served model"),
+])
+def test_bad_configuration_fails_at_start_with_a_clear_message(exported_model, tmp_path, env, message):
+    env = {key: value.replace("MODEL", str(exported_model)) for key, value in env.items()}
+    server = Server(base_env(tmp_path, **env), tmp_path / "server.log")
+    try:
+        with pytest.raises(RuntimeError) as error:
+            server.wait_ready(timeout=90)
+    finally:
+        server.stop()
+    assert message in str(error.value) and server.process.returncode != 0
+
+
+def test_oversized_batch_requests_are_refused(server):
+    limit = 20 * 1024 * 1024
+    head = (f"POST /classify_batch HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {limit + 1}\r\n\r\n")
+    code, answer = raw_request(server.port, head.encode())
+    assert code == 413 and "over the limit" in answer["error"]
