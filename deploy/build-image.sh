@@ -7,7 +7,8 @@
 # script only supplies what the host must: the local base image (deploy/base-image.sh), podman
 # settings for restricted hosts (deploy/containers.conf), host networking for the package
 # downloads, and the host's CA bundle when pip here trusts a custom one (an egress proxy).
-# BENTOML_HOME and BENTOML (the bentoml command) default to the clone's .bentoml and .venv.
+# BENTOML_HOME and BENTOML (the bentoml command) default to the clone's .bentoml and .venv; UV to
+# the uv beside that bentoml.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -16,6 +17,8 @@ BENTO=${1:-keel:latest}
 IMAGE=${2:-keel:latest}
 BENTOML=${BENTOML:-$REPO/.venv/bin/bentoml}
 BENTOML=$(realpath "$(command -v "$BENTOML")") || { echo "deploy/build-image.sh: no bentoml command (make setup)" >&2; exit 2; }
+# the base image's uv: the one installed beside that bentoml (requirements/dev.txt pins it)
+export UV=${UV:-$(dirname "$BENTOML")/uv}
 export BENTOML_HOME=$(realpath -m "${BENTOML_HOME:-$REPO/.bentoml}")
 export BENTOML_DO_NOT_TRACK=True
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$HERE/containers.conf}
