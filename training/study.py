@@ -258,12 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         elif not args.only_recipes:
             data = generate_dataset(work / "data-study", ShapesConfig(size=config.image_size,
                                     train_per_class=config.train_per_class, val_per_class=20 if not args.quick else 2,
-                                    test_per_class=20 if not args.quick else 2), progress=False)
+                                    test_per_class=20 if not args.quick else 2), progress=False, overwrite=True)
             study = run_study(config, data, work / "study", figures, args.jobs)
             (figures / "study.json").write_text(json.dumps(study, indent=2) + "\n")
         if not args.render and (args.recipes is not None or args.only_recipes):
             shapes = ShapesConfig() if not args.quick else ShapesConfig(train_per_class=6, val_per_class=2, test_per_class=2)
-            data = generate_dataset(work / "data-full", shapes, progress=not args.quick)
+            data = generate_dataset(work / "data-full", shapes, progress=not args.quick, overwrite=True)
             recipes = run_recipes(data, work / "recipes", tuple(args.recipes or ARCHS)) if not args.quick else {}
             if recipes:  # merged into the earlier results, so architectures can be measured one at a time
                 path = figures / "recipes.json"
