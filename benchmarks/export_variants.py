@@ -8,6 +8,7 @@ then times each model in one ONNX Runtime session on the CPU provider (the servi
 `OnnxClassifier`, default threads) per batch size: ms per call and images/s, each the median of
 `repeats` timed runs with min-max (IQR in the JSON). fp16 is timed too, but the CPU provider has no
 fp16 kernels and runs it in fp32 between inserted casts, so its CPU number is not what CUDA gives.
+Last, the uint8 NHWC-input graph (`--uint8-input`) against the service's float32 path, from crops.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class VariantsConfig:
 
     @classmethod
     def quick(cls, checkpoint: str, data: str | None) -> VariantsConfig:
-        return cls(checkpoint=checkpoint, data=data, batch_sizes=(1, 32), repeats=3, run_seconds=0.2,
+        return cls(checkpoint=checkpoint, data=data, batch_sizes=(1, 32), repeats=3, run_seconds=0.1,
                    calibration_count=64)
 
 
@@ -63,7 +64,7 @@ def run(config: VariantsConfig) -> dict:
 
     data = Path(config.data) if config.data else None
     export_config = ExportConfig(
-        name="keel-bench", fp16=True, int8=True, max_accuracy_drop=1.0,  # measure every variant, refuse none
+        name="keel-bench", fp16=True, int8=True, uint8_input=True, max_accuracy_drop=1.0,  # measure all, refuse none
         calibration_count=config.calibration_count,
         test_images=str(data / "test") if data else None, calibration_images=str(data / "train") if data else None,
         samples=str(data / "val") if data else None,
@@ -95,7 +96,39 @@ def run(config: VariantsConfig) -> dict:
                 print(f"  {precision} batch {n:3d}: {fmt(row['speed'][-1]['images_per_s'])} images/s", file=sys.stderr)
             rows.append(row)
             del classifier
-    return {"config": asdict(config), "variants": rows}
+        uint8_input = bench_uint8_input(out, config)
+    return {"config": asdict(config), "variants": rows, "uint8_input": uint8_input}
+
+
+def bench_uint8_input(out: Path, config: VariantsConfig) -> dict:
+    """From centre crops (Pillow images, as the service has them after resize and crop) to
+    probabilities: the service's way (numpy normalize to float32 NCHW, then model.onnx) against
+    the uint8 NHWC-input graph (the crops' bytes as they are)."""
+    import onnxruntime as ort
+    from PIL import Image
+
+    from export.onnx_export import UINT8_INPUT_NAME, UINT8_NHWC, variant_path
+    from service.inference import OnnxClassifier
+    from service.preprocessing import normalize
+
+    classifier = OnnxClassifier(out, device="cpu")
+    spec = classifier.info.preprocessing
+    session = ort.InferenceSession(str(variant_path(out, UINT8_NHWC)), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in config.batch_sizes:
+        crops = [Image.fromarray(rng.integers(0, 256, (spec.crop, spec.crop, 3), dtype=np.uint8)) for _ in range(n)]
+        float_path = lambda: classifier.predict(np.stack([normalize(c, spec) for c in crops]))  # noqa: E731
+        uint8_path = lambda: session.run(None, {UINT8_INPUT_NAME: np.stack([np.asarray(c) for c in crops])})  # noqa: E731
+        timings = {}
+        for name, call in (("float32_ms", float_path), ("uint8_ms", uint8_path)):
+            timings[name] = spread([float(np.median(time_calls(call, config.run_seconds))) * 1000
+                                    for _ in range(config.repeats)])
+        rows.append({"batch_size": n, **timings, "float32_bytes": n * 3 * spec.crop ** 2 * 4,
+                     "uint8_bytes": n * 3 * spec.crop ** 2})
+        print(f"  crops -> probabilities, batch {n:3d}: float32 {fmt(timings['float32_ms'], 2)} ms, "
+              f"uint8 {fmt(timings['uint8_ms'], 2)} ms", file=sys.stderr)
+    return {"crop": spec.crop, "rows": rows}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -155,6 +188,19 @@ def render(results: dict) -> str:
         "![images/s per batch size and precision](benchmarks/export_variants.png)",
         "",
     ]
+    if results.get("uint8_input"):
+        u8 = results["uint8_input"]
+        lines += [
+            f"uint8 NHWC input (`--uint8-input`, export only): from {u8['crop']}x{u8['crop']} centre crops to "
+            "probabilities, the service's float32 path (numpy normalize, then `model.onnx`) against the graph "
+            "that casts, normalizes and transposes itself. ms per batch, median (min–max):",
+            "",
+            "| batch | float32 path | uint8 graph | bytes sent float32 → uint8 |",
+            "|---:|---:|---:|---:|",
+        ]
+        lines += [f"| {r['batch_size']} | {fmt(r['float32_ms'], 2)} | {fmt(r['uint8_ms'], 2)} | "
+                  f"{r['float32_bytes']:,} → {r['uint8_bytes']:,} |" for r in u8["rows"]]
+        lines.append("")
     return "\n".join(lines)
 
 

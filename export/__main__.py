@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write a float16 variant for the CUDA provider (input and output stay float32)")
     parser.add_argument("--int8", action="store_true",
                         help="also write a statically quantized int8 variant (QDQ, per-channel) for the CPU")
+    parser.add_argument("--uint8-input", action="store_true",
+                        help="also write NAME.uint8-nhwc.onnx: input `image` N x S x S x 3 uint8 RGB, normalized "
+                             "in the graph (export only: the service does not load it yet)")
     parser.add_argument("--test-images", type=Path, default=None,
                         help="labelled ImageFolder split on which variants' top-1 accuracy is compared with fp32 "
                              "(default: the training data's test/ split)")
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ExportConfig(
             name=args.name, samples=str(args.samples) if args.samples else None, fp16=args.fp16, int8=args.int8,
+            uint8_input=args.uint8_input,
             test_images=str(args.test_images) if args.test_images else None,
             calibration_images=str(args.calibration_images) if args.calibration_images else None,
             calibration_count=args.calibration_count, max_accuracy_drop=args.max_accuracy_drop,

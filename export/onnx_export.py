@@ -49,6 +49,10 @@ OPSET = 18  # pinned: recorded as keel.opset and checked in every written graph
 PROBABILITY_TOLERANCE = 1e-4
 PARITY_BATCH_SIZES = (1, 3, 8)  # the batch dimension is dynamic: prove it at several sizes
 PRECISIONS = ("fp32", "fp16", "int8")
+# The optional uint8-input variant (`<out>.uint8-nhwc.onnx`): input `image`, N x crop x crop x 3 uint8
+# RGB (the centre crop as Pillow gives it); cast, normalize and transpose happen in the graph.
+UINT8_NHWC = "uint8-nhwc"
+UINT8_INPUT_NAME = "image"
 
 Log = Callable[[str], None]
 
@@ -60,6 +64,7 @@ class ExportConfig:
     parity_samples: int = 32  # parity images used, spread over the folder's classes
     fp16: bool = False  # also write <out>.fp16.onnx (for the CUDA provider)
     int8: bool = False  # also write <out>.int8.onnx (static QDQ quantization, for the CPU)
+    uint8_input: bool = False  # also write <out>.uint8-nhwc.onnx (uint8 NHWC input; the service cannot load it yet)
     test_images: str | None = None  # labelled ImageFolder split for the variants' accuracy; None: the training data's test/
     calibration_images: str | None = None  # int8 calibration images; None: the training data's train/ split
     calibration_count: int = 256  # calibration images used, spread over the classes
@@ -102,7 +107,7 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, config:
     """
     config = dataclasses.replace(config or ExportConfig(), **fields)
     checkpoint_path, out_path = Path(checkpoint_path), Path(out_path)
-    steps = Steps(log, 4 + (1 if config.variants else 0) + len(config.variants))
+    steps = Steps(log, 4 + (1 if config.variants else 0) + len(config.variants) + config.uint8_input)
 
     steps.next(f"rebuilding the model from {checkpoint_path}")
     checkpoint = load_checkpoint(checkpoint_path)
@@ -143,6 +148,9 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, config:
             f"{report['top1_agreement']:.0%}) and {report_path(out_path).name}")
         reports = {"fp32": report}
         warn_stale_variants(out_path, metadata["checkpoint_sha256"], config.variants, log)
+        if config.uint8_input:
+            steps.next("exporting the uint8 NHWC-input variant (cast, normalize, transpose in the graph)")
+            reports[UINT8_NHWC] = export_uint8_input(folded, spec, out_path, scratch, metadata, samples_dir, log)
         if not config.variants:
             return reports
 
@@ -300,10 +308,15 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     return folded
 
 
-def export_graph(model: nn.Module, spec: PreprocessSpec, path: Path, opset: int = OPSET) -> None:
-    """Trace `softmax(model(x))` with a dynamic batch dimension and write it to `path`."""
-    wrapped = nn.Sequential(model, nn.Softmax(dim=1)).eval()
-    example = torch.zeros(2, 3, spec.crop, spec.crop)
+def export_graph(model: nn.Module, spec: PreprocessSpec, path: Path, opset: int = OPSET, uint8_nhwc: bool = False) -> None:
+    """Trace `softmax(model(x))` with a dynamic batch dimension and write it to `path`
+    (with `uint8_nhwc`: `softmax(model(normalize(x)))` for uint8 N x S x S x 3 input `image`)."""
+    if uint8_nhwc:
+        wrapped = nn.Sequential(Uint8NHWCInput(spec), model, nn.Softmax(dim=1)).eval()
+        example = torch.zeros(2, spec.crop, spec.crop, 3, dtype=torch.uint8)
+    else:
+        wrapped = nn.Sequential(model, nn.Softmax(dim=1)).eval()
+        example = torch.zeros(2, 3, spec.crop, spec.crop)
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)  # "torchvision is not installed" notices are noise for us
@@ -311,7 +324,8 @@ def export_graph(model: nn.Module, spec: PreprocessSpec, path: Path, opset: int 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             torch.onnx.export(
-                wrapped, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                wrapped, (example,), str(path), input_names=[UINT8_INPUT_NAME if uint8_nhwc else INPUT_NAME],
+                output_names=[OUTPUT_NAME],
                 opset_version=opset, dynamo=True, external_data=False, verbose=False,
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
             )
@@ -319,10 +333,26 @@ def export_graph(model: nn.Module, spec: PreprocessSpec, path: Path, opset: int 
         exporter_log.setLevel(level)
 
 
-def check_graph(path: Path, spec: PreprocessSpec, classes: int, opset: int = OPSET) -> None:
+class Uint8NHWCInput(nn.Module):
+    """uint8 RGB crops, N x S x S x 3 -> the normalized N x 3 x S x S float input (what
+    `service.preprocessing.normalize` does in numpy), inside the graph: the client sends a quarter
+    of the bytes and skips a float pass over every pixel."""
+
+    def __init__(self, spec: PreprocessSpec):
+        super().__init__()
+        mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
+        # (x / 255 - mean) / std as one multiply-add per channel; last axis is the channel in NHWC
+        self.register_buffer("scale", 1.0 / (255.0 * std))
+        self.register_buffer("shift", -mean / std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(torch.float32) * self.scale + self.shift).permute(0, 3, 1, 2)
+
+
+def check_graph(path: Path, spec: PreprocessSpec, classes: int, opset: int = OPSET, uint8_nhwc: bool = False) -> None:
     """onnx.checker (full), strict typed shape inference, and the contract the service relies on:
-    input N x 3 x crop x crop float32 and output N x classes float32 with the same symbolic N, the
-    pinned opset, and no BatchNormalization left."""
+    input N x 3 x crop x crop float32 (N x crop x crop x 3 uint8 `image` for the uint8 variant) and
+    output N x classes float32 with the same symbolic N, the pinned opset, and no BatchNormalization left."""
     model = onnx.load(str(path))
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -337,14 +367,16 @@ def check_graph(path: Path, spec: PreprocessSpec, classes: int, opset: int = OPS
         tensor = match[0].type.tensor_type
         return tensor.elem_type, [d.dim_param or d.dim_value for d in tensor.shape.dim]
 
-    in_type, in_dims = signature(inferred.graph.input, INPUT_NAME)
+    in_type, in_dims = signature(inferred.graph.input, UINT8_INPUT_NAME if uint8_nhwc else INPUT_NAME)
     out_type, out_dims = signature(inferred.graph.output, OUTPUT_NAME)
     batch = in_dims[0] if in_dims else None
-    expected_in, expected_out = [batch, 3, spec.crop, spec.crop], [batch, classes]
-    if not isinstance(batch, str) or in_dims != expected_in or out_dims != expected_out \
-            or in_type != onnx.TensorProto.FLOAT or out_type != onnx.TensorProto.FLOAT:
+    expected_in = [batch, spec.crop, spec.crop, 3] if uint8_nhwc else [batch, 3, spec.crop, spec.crop]
+    expected_type = onnx.TensorProto.UINT8 if uint8_nhwc else onnx.TensorProto.FLOAT
+    if not isinstance(batch, str) or in_dims != expected_in or out_dims != [batch, classes] \
+            or in_type != expected_type or out_type != onnx.TensorProto.FLOAT:
+        expected = f"uint8 [N, {spec.crop}, {spec.crop}, 3]" if uint8_nhwc else f"float32 [N, 3, {spec.crop}, {spec.crop}]"
         raise ExportError(f"{path.name}: graph signature is input {in_dims} -> output {out_dims}, "
-                          f"expected float32 [N, 3, {spec.crop}, {spec.crop}] -> [N, {classes}] with N dynamic")
+                          f"expected {expected} -> float32 [N, {classes}] with N dynamic")
     versions = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     if versions.get("ai.onnx") != opset:
         raise ExportError(f"{path.name}: graph uses ONNX opset {versions.get('ai.onnx')}, pinned is {opset}")
@@ -524,6 +556,53 @@ def compare_variant(reference: Reference, path: Path, precision: str, max_drop: 
         report["note"] = ("measured on the CPU provider, which has no fp16 kernels for these ops: ONNX Runtime "
                           "inserts casts and computes in fp32, so this verifies the graph and the fp16 rounding "
                           "of the weights, not CUDA's fp16 arithmetic (export on a CUDA machine to measure that)")
+    return report
+
+
+def export_uint8_input(folded: nn.Module, spec: PreprocessSpec, out_path: Path, scratch: Path,
+                       metadata: dict[str, str], samples_dir: Path | None, log: Log) -> dict:
+    """The uint8 NHWC-input variant of the verified fp32 model, proven against it: the fp32 model on
+    the service's float preprocessing vs this graph on the same images' uint8 crops, at every
+    parity batch size, within the fp32 tolerance."""
+    from PIL import Image
+
+    from service.preprocessing import decode_image, normalize, resize_and_crop, to_rgb
+
+    target = variant_path(out_path, UINT8_NHWC)
+    candidate = scratch / target.name
+    export_graph(folded, spec, candidate, uint8_nhwc=True)
+    annotate(candidate, {**metadata, "version": f"{metadata['version']}-{UINT8_NHWC}", "exported_at": now(),
+                         "input": json.dumps({"name": UINT8_INPUT_NAME, "dtype": "uint8", "layout": "NHWC",
+                                              "channel_order": "RGB", "normalization": "in graph"})})
+    check_graph(candidate, spec, len(json.loads(metadata["labels"])), uint8_nhwc=True)
+
+    paths = spread_over(find_images(samples_dir), 32) if samples_dir is not None and samples_dir.is_dir() else []
+    if paths:
+        crops: list[Image.Image] = [resize_and_crop(to_rgb(decode_image(p.read_bytes())), spec) for p in paths]
+        source = str(samples_dir)
+    else:  # random pixels only as a last resort, as for the fp32 parity
+        rng = np.random.default_rng(0)
+        crops = [Image.fromarray(rng.integers(0, 256, (spec.crop, spec.crop, 3), dtype=np.uint8)) for _ in range(32)]
+        source = "random pixels"
+    pixels = np.stack([np.asarray(crop, dtype=np.uint8) for crop in crops])
+    expected = predict_all(OnnxClassifier(out_path, device="cpu"), np.stack([normalize(c, spec) for c in crops]))
+    session = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
+    worst, agreement = 0.0, 1.0
+    for batch_size in PARITY_BATCH_SIZES:
+        got = np.concatenate([session.run([OUTPUT_NAME], {UINT8_INPUT_NAME: pixels[i:i + batch_size]})[0]
+                              for i in range(0, len(pixels), batch_size)])
+        worst = max(worst, float(np.abs(got - expected).max()))
+        agreement = min(agreement, float((got.argmax(1) == expected.argmax(1)).mean()))
+    report = {"precision": "fp32", "input": UINT8_NHWC, "reference": "fp32 onnx on float preprocessing",
+              "samples": len(pixels), "sample_source": source, "batch_sizes": list(PARITY_BATCH_SIZES),
+              "max_abs_diff": worst, "tolerance": PROBABILITY_TOLERANCE, "top1_agreement": agreement,
+              "passed": worst <= PROBABILITY_TOLERANCE and agreement == 1.0, "provider": "CPUExecutionProvider",
+              "note": "export only: the service and the batch job still send float32 NCHW to model.onnx"}
+    if not report["passed"]:
+        raise ExportError(f"{target}: the uint8-input graph disagrees with the fp32 model: max |dp| {worst:.2e}, "
+                          f"top-1 agreement {agreement:.1%}; not written")
+    publish(candidate, target, report)
+    log(f"wrote {target} (parity with the fp32 model: max |dp| {worst:.1e}) and {report_path(target).name}")
     return report
 
 

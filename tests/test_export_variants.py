@@ -13,12 +13,13 @@ import pytest
 
 from export.onnx_export import OPSET
 from service.inference import METADATA_PREFIX, OnnxClassifier
-from service.preprocessing import find_images, preprocess_bytes
+from service.preprocessing import decode_image, find_images, preprocess_bytes, resize_and_crop, to_rgb
 from tests.conftest import run_python
 from training.checkpoint import load_checkpoint
 
 STORE_FILES = {"model.onnx", "model.parity.json", "model.fp16.onnx", "model.fp16.parity.json",
                "model.int8.onnx", "model.int8.parity.json"}
+UINT8_FILES = {"model.uint8-nhwc.onnx", "model.uint8-nhwc.parity.json"}  # export only: not for the store
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def variants(trained_run, tmp_path_factory):
     # The tiny test model is weak (about 0.6 test top-1 with many near-ties), so int8 moves a few
     # of the 200 test images either way; the bound here only keeps this test independent of that.
     result = run_python("-m", "export", str(trained_run / "best.pt"), "--out", str(folder / "model.onnx"),
-                        "--name", "keel-test", "--fp16", "--int8", "--max-accuracy-drop", "0.1",
+                        "--name", "keel-test", "--fp16", "--int8", "--uint8-input", "--max-accuracy-drop", "0.1",
                         "--bentoml", "keel-variants", env={"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"})
     assert result.returncode == 0, result.stderr
     return folder, result.stderr, home
@@ -41,8 +42,8 @@ def metadata_of(path: Path) -> dict[str, str]:
 
 def test_variants_are_written_with_reports_and_progress(variants):
     folder, stderr, _ = variants
-    assert sorted(p.name for p in folder.iterdir() if p.is_file()) == sorted(STORE_FILES)  # no scratch files left
-    assert "[7/7] quantizing to int8" in stderr and "calibration images" in stderr and "[+] saving" in stderr
+    assert sorted(p.name for p in folder.iterdir() if p.is_file()) == sorted(STORE_FILES | UINT8_FILES)  # no scratch
+    assert "[8/8] quantizing to int8" in stderr and "calibration images" in stderr and "[+] saving" in stderr
     for precision in ("fp16", "int8"):
         report = json.loads((folder / f"model.{precision}.parity.json").read_text())
         assert report["precision"] == precision and report["passed"] and report["reference"] == "fp32 onnx"
@@ -100,6 +101,34 @@ def test_variants_are_self_describing_and_typed_as_claimed(variants, trained_run
             np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-3)
 
 
+def test_uint8_nhwc_input_graph_normalizes_inside(variants, shapes_data):
+    """The optional uint8-input graph on the crops' raw bytes answers as model.onnx does on the
+    service's float preprocessing of the same images."""
+    import onnxruntime as ort
+
+    folder = variants[0]
+    path = folder / "model.uint8-nhwc.onnx"
+    report = json.loads((folder / "model.uint8-nhwc.parity.json").read_text())
+    assert report["passed"] and report["max_abs_diff"] <= 1e-4 and report["top1_agreement"] == 1.0
+    metadata = metadata_of(path)
+    assert json.loads(metadata["input"]) == {"name": "image", "dtype": "uint8", "layout": "NHWC",
+                                             "channel_order": "RGB", "normalization": "in graph"}
+    model = onnx.load(str(path))
+    assert "BatchNormalization" not in [node.op_type for node in model.graph.node]
+    (given,) = model.graph.input
+    assert given.name == "image" and given.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_param or d.dim_value for d in given.type.tensor_type.shape.dim][1:] == [64, 64, 3]
+
+    fp32 = OnnxClassifier(folder / "model.onnx", device="cpu")
+    spec = fp32.info.preprocessing
+    paths = find_images(shapes_data / "test")[::20]
+    crops = np.stack([np.asarray(resize_and_crop(to_rgb(decode_image(p.read_bytes())), spec)) for p in paths])
+    expected = fp32.predict(np.stack([preprocess_bytes(p.read_bytes(), spec) for p in paths]))
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": crops})[0]
+    assert crops.dtype == np.uint8 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_model_store_entry_holds_models_reports_and_metadata(variants, trained_run):
     folder, _, home = variants
     show = ("import json, bentoml; from service.inference import resolve_model; m = bentoml.models.get('keel-variants:latest');"
@@ -108,7 +137,7 @@ def test_model_store_entry_holds_models_reports_and_metadata(variants, trained_r
     result = run_python("-c", show, env={"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"})
     assert result.returncode == 0, result.stderr
     entry = json.loads(result.stdout.strip().splitlines()[-1])
-    assert STORE_FILES <= set(entry["files"])
+    assert STORE_FILES <= set(entry["files"]) and not UINT8_FILES & set(entry["files"])
     for name in STORE_FILES:  # byte for byte what the export wrote
         assert (Path(entry["path"]) / name).read_bytes() == (folder / name).read_bytes(), name
     assert entry["resolved"] == str(Path(entry["path"]) / "model.onnx")  # the service's KEEL_MODEL=tag path
