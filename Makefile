@@ -73,11 +73,13 @@ bento: $(MODEL)
 # run: docs/deployment.md. container-tools installs podman, runc and debootstrap when missing (as root).
 IMAGE ?= keel:latest
 CONTAINER_ARGS ?=
+# CUDA=0: a CPU-only image, without the 2.2 GB of CUDA/cuDNN wheels (use another IMAGE tag)
+CUDA ?= 1
 container-tools:
 	@deploy/container-tools.sh
 
 container: bento container-tools
-	BENTOML=$(BIN)/bentoml deploy/build-image.sh keel:latest $(IMAGE)
+	KEEL_CUDA=$(CUDA) BENTOML=$(BIN)/bentoml deploy/build-image.sh keel:latest $(IMAGE)
 
 # CONTAINER_ARGS: more `podman run` options, e.g. -e KEEL_TOP_K=3, or --device nvidia.com/gpu=all
 container-run:

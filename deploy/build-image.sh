@@ -26,7 +26,8 @@ export CONTAINERS_CONF=${CONTAINERS_CONF:-$HERE/containers.conf}
 command -v podman >/dev/null || { echo "deploy/build-image.sh: podman not found (make container-tools)" >&2; exit 2; }
 "$HERE/base-image.sh"
 
-opts=(--opt network=host)
+# KEEL_CUDA=0: leave out the CUDA/cuDNN wheels (deploy/cuda-libraries.sh), for CPU-only hosts
+opts=(--opt network=host --opt "build-arg=KEEL_CUDA=${KEEL_CUDA:-1}")
 ca=${PIP_CERT:-${SSL_CERT_FILE:-}}
 if [ -n "$ca" ] && [ -f "$ca" ]; then
     opts+=(--opt "volume=$(realpath "$ca"):/etc/ssl/certs/ca-certificates.crt:ro")

@@ -10,5 +10,9 @@
 # installed package, so the pin lives in one place. The dev venv keeps the bare package: the
 # libraries are about 2 GB that only a GPU host uses.
 set -eu
+if [ "${KEEL_CUDA:-1}" = 0 ]; then
+    echo "KEEL_CUDA=0: a CPU-only image, without the CUDA/cuDNN libraries"
+    exit 0
+fi
 version=$(python -c 'import importlib.metadata as m; print(m.version("onnxruntime-gpu"))')
 uv pip install "onnxruntime-gpu[cuda,cudnn]==$version"
