@@ -80,3 +80,10 @@ def test_without_the_guard_a_non_finite_step_ends_the_run(tmp_path):
         train(config)
     steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == 1 and steps[0]["loss"] is None and "diverged" in steps[0]
+
+
+def test_an_explosion_in_the_first_steps_is_caught_against_chance_level():
+    monitor = DivergenceMonitor(max_skips=5, window=50, loss_factor=5.0, num_classes=10)
+    assert monitor.observe(1, 2.30) is None and monitor.observe(2, 2.23) is None
+    assert monitor.observe(3, 9.0) is None  # below 5 x ln(10) = 11.5
+    assert "above 5x" in monitor.observe(4, 2748.0)  # plain AlexNet at lr 1.0, step 4 (docs/stability.md)
