@@ -73,9 +73,13 @@ def test_the_cli_names_an_unknown_recipe_key_without_a_traceback(tmp_path):
     assert missing.returncode == 2 and "nope.yaml: no such recipe file" in missing.stderr
 
 
-def test_inception_v3_trains_from_its_recipe(shapes_data, tmp_path):
+def test_inception_v3_trains_from_its_recipe(tmp_path):
     """The recipe upscales the 64 px shapes to Inception-v3's 80 px; flags shrink it to seconds."""
-    result = run_python("-m", "training", "--recipe", "training/recipes/inception_v3.yaml", "--data", str(shapes_data),
+    from training.shapes import ShapesConfig, generate_dataset
+
+    data = generate_dataset(tmp_path / "data", ShapesConfig(size=64, train_per_class=13, val_per_class=2,
+                                                            test_per_class=1), progress=False)
+    result = run_python("-m", "training", "--recipe", "training/recipes/inception_v3.yaml", "--data", str(data),
                         "--out", str(tmp_path / "run"), "--epochs", "1", "--width", "0.0625", "--workers", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
