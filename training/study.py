@@ -213,7 +213,10 @@ def render(study: dict | None, recipes: dict | None, machine: str) -> str:
             diverged = f"**yes**, step {r['steps']}: {r['error'].split(': ', 1)[-1]}" if r["diverged"] else "no"
             lines.append(f"| {LABELS[name]} | {accuracy} | {r['skipped_steps']} | {r['rollbacks']} | {norm} | {diverged} |")
         lines += [
-            "", "Chance is 10%. Max grad norm is the largest finite global norm before clipping.", "",
+            "", "Chance is 10%. Max grad norm is the largest finite global norm before clipping. A run without the "
+            "guard stops at the first non-finite loss or at a loss above 5x max(running median, ln(10)), the "
+            "divergence monitor's test: with no way back, going on would only train a dead network.", "",
+            *findings(study["variants"]), "",
             "![loss and gradient norm per set-up](stability/study.png)", "",
             "Per set-up, loss, gradient norm against the clipping threshold and the per-layer gradient norms "
             "(the heat map shows where an explosion starts):",
@@ -232,6 +235,22 @@ def render(study: dict | None, recipes: dict | None, machine: str) -> str:
                          f"{r['rollbacks']} | {r['grad_norm_max']:.3g} | {r['minutes']} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def findings(variants: dict) -> list[str]:
+    """One sentence per set-up, from its numbers."""
+    lines = []
+    for name, r in variants.items():
+        if r["diverged"]:
+            text = f"blew up at step {r['steps']} ({r['error'].split(': ', 1)[-1].replace(', with the guard off', '')})"
+        elif r["test_acc"] is not None and r["test_acc"] < 0.2:
+            text = (f"did not blow up but learned nothing: {r['test_acc']:.0%} test accuracy after {r['steps']} steps, "
+                    "the loss stuck at chance level")
+        else:
+            text = (f"trained to {r['test_acc']:.1%} test accuracy in {r['steps']} steps, with {r['skipped_steps']} "
+                    f"skipped steps and {r['rollbacks']} rollbacks")
+        lines.append(f"- {LABELS[name]} {text}.")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
