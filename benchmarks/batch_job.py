@@ -31,11 +31,11 @@ import numpy as np
 from benchmarks.common import fmt, spread, write_results
 from benchmarks.limit import photo_like
 from service import batch
-from service.inference import OnnxClassifier
+from service.inference import OnnxClassifier, container_cpus
 from service.preprocessing import find_images
 
 NAME = "batch_job"
-CPUS = os.cpu_count() or 2
+CPUS = container_cpus()
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class BenchConfig:
     pngs: int = 512  # shapes PNGs in the PNG set (fewer when the data set has fewer)
     repeats: int = 5  # timed runs per measurement
     batch_sizes: tuple[int, ...] = (8, 32, 128)  # job runs with threads; the default (32) also with processes,
-    # and with one ONNX Runtime thread (its spare CPU time goes to decoding)
+    # and with one ONNX Runtime thread per CPU (the service's setting) instead of the job's half
     device: str = "cpu"  # the job's --device; cpu keeps the numbers comparable across machines
 
     @classmethod
@@ -108,11 +108,16 @@ def bench_set(folder: Path, classifier: OnnxClassifier, config: BenchConfig, scr
             classifier.predict(tensors[i:i + base.batch_size])
 
     inference = rate(len(items), timed(config.repeats, infer_once))
-    limit = min(max(d["median"] for d in decode.values()), inference["median"])
+    best_decode = max(d["median"] for d in decode.values())
+    limit = min(best_decode, inference["median"])
+    # When decode and inference share the same CPUs (no GPU), each image costs both sides' CPU
+    # time, so no pipeline can beat 1 / (1/a + 1/b); min(a, b) is reachable only when they run on
+    # separate hardware (decode on CPU, inference on a GPU).
+    shared = best_decode * inference["median"] / (best_decode + inference["median"])
 
     jobs = []
     runs = [("thread", size, 0) for size in config.batch_sizes]
-    runs += [("process", base.batch_size, 0), ("thread", base.batch_size, 1)]
+    runs += [("process", base.batch_size, 0), ("thread", base.batch_size, CPUS)]  # CPUS: the service's choice
     for executor_kind, size, ort_threads in runs:
         job_config = replace(base, executor=executor_kind, batch_size=size, ort_threads=ort_threads)
         seconds = []
@@ -123,10 +128,11 @@ def bench_set(folder: Path, classifier: OnnxClassifier, config: BenchConfig, scr
         timed(config.repeats, once)
         samples = rate(len(items), seconds[1:])  # the untimed first run excluded
         jobs.append({"executor": executor_kind, "batch_size": size, "workers": base.workers,
-                     "ort_threads": ort_threads or base.workers, "images_per_s": samples,
-                     "share_of_limit": round(samples["median"] / limit, 3)})
+                     "ort_threads": batch.inference_threads(job_config), "images_per_s": samples,
+                     "share_of_limit": round(samples["median"] / limit, 3),
+                     "share_of_shared_cpu_bound": round(samples["median"] / shared, 3)})
     return {"images": len(items), "decode_images_per_s": decode, "inference_images_per_s": inference,
-            "limit_images_per_s": limit, "jobs": jobs}
+            "limit_images_per_s": limit, "shared_cpu_bound_images_per_s": round(shared, 1), "jobs": jobs}
 
 
 def run(config: BenchConfig) -> dict:
@@ -149,17 +155,21 @@ def render(results: dict) -> str:
         f"{'x'.join(map(str, model['input']))}) on {model['provider']}, {results['workers']} decode workers. "
         f"(a) decoding alone with the job's own pipeline, (b) inference alone on decoded tensors, and the "
         f"whole job (listing, decode, inference, fsynced JSONL), in images/s: median of "
-        f"{results['config']['repeats']} runs (min–max). *Share* is the job's rate over min(a, b).",
+        f"{results['config']['repeats']} runs (min–max). *Share* is the job's rate over min(a, b), the issue's "
+        f"yardstick (target >= 90%), and over 1 / (1/a + 1/b), the most a pipeline can do when decoding and "
+        f"inference share the same CPUs (on CPU-only machines they do; with a GPU, min(a, b) is the bound).",
         "",
     ]
     for name, s in results["sets"].items():
         decode = s["decode_images_per_s"]
         lines += [f"**{name}**, {s['images']} images: (a) decoding {fmt(decode['thread'], 0)} with threads, "
                   f"{fmt(decode['process'], 0)} with processes; (b) inference {fmt(s['inference_images_per_s'], 0)}.",
-                  "", "| decoding | batch size | ONNX Runtime threads | images/s | share of min(a, b) |",
-                  "|---|---:|---:|---:|---:|"]
+                  f" Shared-CPU bound {s['shared_cpu_bound_images_per_s']:.0f}.",
+                  "", "| decoding | batch size | ONNX Runtime threads | images/s | share of min(a, b) | share of shared-CPU bound |",
+                  "|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {j['workers']} {j['executor']} workers | {j['batch_size']} | {j['ort_threads']} | "
-                  f"{fmt(j['images_per_s'], 0)} | {j['share_of_limit']:.0%} |" for j in s["jobs"]]
+                  f"{fmt(j['images_per_s'], 0)} | {j['share_of_limit']:.0%} | {j['share_of_shared_cpu_bound']:.0%} |"
+                  for j in s["jobs"]]
         lines.append("")
     return "\n".join(lines)
 
