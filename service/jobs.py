@@ -43,7 +43,7 @@ Infer = Callable[[np.ndarray], Awaitable[np.ndarray]]  # N x 3 x S x S -> N x cl
 @dataclass(frozen=True)
 class JobsConfig:
     batch_root: str = ""  # KEEL_BATCH_ROOT: the only folder jobs may read server-side paths from; "" = disabled
-    batch_max_images: int = 10_000  # KEEL_BATCH_MAX_IMAGES: per job; the whole answer is kept by the task store
+    job_max_images: int = 10_000  # KEEL_JOB_MAX_IMAGES: per job; the whole answer is kept by the task store
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> JobsConfig:
@@ -61,8 +61,8 @@ class JobsConfig:
             else:
                 values[f.name] = raw
         config = cls(**values)
-        if config.batch_max_images < 1:
-            raise ValueError(f"KEEL_BATCH_MAX_IMAGES must be positive, not {config.batch_max_images}")
+        if config.job_max_images < 1:
+            raise ValueError(f"KEEL_JOB_MAX_IMAGES must be positive, not {config.job_max_images}")
         if config.batch_root and not Path(config.batch_root).is_dir():
             raise ValueError(f"KEEL_BATCH_ROOT {config.batch_root!r} is not a folder")
         return config
@@ -191,7 +191,7 @@ def plan_job(config: JobsConfig, images: list[Path], path: str, max_bytes: int
         items, refused = server_inputs(config.batch_root, path)
         sources = [(name, lambda p=p: read_file(p, max_bytes)) for name, p in items]
         key = "path"
-    if len(sources) > config.batch_max_images:
-        raise JobError(f"a job may hold at most {config.batch_max_images} images (KEEL_BATCH_MAX_IMAGES), "
+    if len(sources) > config.job_max_images:
+        raise JobError(f"a job may hold at most {config.job_max_images} images (KEEL_JOB_MAX_IMAGES), "
                        f"this one has {len(sources)}", 413)
     return sources, key, refused

@@ -84,7 +84,7 @@ def load_catalogue(config: ServiceConfig) -> tuple[dict[str, tuple[Path, ModelIn
 
 
 CONFIG = ServiceConfig.from_env()
-JOBS = jobs.JobsConfig.from_env()  # KEEL_BATCH_ROOT, KEEL_BATCH_MAX_IMAGES: the `batch` task, service/jobs.py
+JOBS = jobs.JobsConfig.from_env()  # KEEL_BATCH_ROOT, KEEL_JOB_MAX_IMAGES: the `batch` task, service/jobs.py
 CATALOGUE, DEFAULT_MODEL = load_catalogue(CONFIG)
 ENGINE_APIS = {name: f"infer_{index}" for index, name in enumerate(CATALOGUE)}  # one batcher per model
 # KEEL_MAX_BATCH_SIZE=1 turns batching off: BentoML refuses a batchable API with max_batch_size 1.
