@@ -147,3 +147,35 @@ def server(exported_model, tmp_path_factory):
         yield srv
     finally:
         srv.stop()
+
+
+# A second, different model for multi-model serving: another architecture with another resize,
+# so routing a request to the wrong model's preprocessing or batcher would show. Trained one epoch
+# on a 10-per-class subset of `shapes_data` (accuracy does not matter, cost does: ~30 s on 2 cores).
+SECOND_TRAINING = dict(arch="inception_v1_bn", width=0.25, image_size=64, resize=72, epochs=1, batch_size=32,
+                       optimizer="adamw", lr=0.003, workers=0, seed=0, layer_norms_every=0)
+
+
+@pytest.fixture(scope="session")
+def second_model(shapes_data, tmp_path_factory) -> Path:
+    """An exported inception_v1_bn ("keel-inception"), path to its .onnx file."""
+
+    def make(out: Path) -> None:
+        import shutil
+
+        from export.onnx_export import export_checkpoint
+        from training.config import TrainConfig
+        from training.train import train
+
+        subset = out / "data"
+        for split, per_class in (("train", 10), ("val", 4), ("test", 2)):
+            for folder in sorted((shapes_data / split).iterdir()):
+                (subset / split / folder.name).mkdir(parents=True)
+                for image in sorted(folder.iterdir())[:per_class]:
+                    shutil.copy(image, subset / split / folder.name / image.name)
+        train(TrainConfig(data=str(subset), out=str(out / "run"), **SECOND_TRAINING))
+        export_checkpoint(out / "run" / "best.pt", out / "inception.onnx", name="keel-inception", log=lambda m: None)
+
+    folder = _cached(tmp_path_factory, "second-model", ["training/**/*.py", "service/preprocessing.py", "export/*.py"],
+                     repr(SECOND_TRAINING), make)
+    return folder / "inception.onnx"
