@@ -4,6 +4,7 @@ Times the real step (`training.train.Trainer.train_step`, the code the training 
 in-memory batches, so data loading does not dilute the difference, in four set-ups:
 
   bare        guard off, no step log: forward, loss, backward, clipping, optimizer step, one loss read
+              (and the running-median loss check with which a guard-less run stops when it diverges)
   guard       + non-finite guard (batch-norm statistics saved each step), divergence check, snapshots
   monitoring  + steps.jsonl (one line per step) and per-layer gradient norms every 25 steps
   full        both: what `python -m training` runs
