@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from service.jobs import JobError, resolve_under_root, server_inputs
+from service.jobs import JobError, JobsConfig, plan_job, resolve_under_root, server_inputs
 from service.preprocessing import find_images
 from tests.conftest import Server
 from tests.test_batch import classify
@@ -98,6 +98,27 @@ def test_paths_are_confined_to_the_root(batch_root):
     items, refused = server_inputs(root, "list.txt")
     assert [key for key, _ in items] == ["images/star/00000.png", "../outside/secret/00000.png", "images/ring/00001.png"]
     assert refused == {"../outside/secret/00000.png": "outside the batch root"}
+
+
+def test_job_limits_and_configuration(batch_root):
+    config = JobsConfig(batch_root=str(batch_root), job_max_images=3)
+    sources, key, _ = plan_job(config, [], "list.txt", 1 << 20)
+    assert key == "path" and len(sources) == 3
+    with pytest.raises(JobError, match="at most 3 images") as too_many:
+        plan_job(config, [], "images", 1 << 20)
+    assert too_many.value.status == 413
+    with pytest.raises(JobError, match="either images or a path"):
+        plan_job(config, [batch_root / "list.txt"], "images", 1 << 20)
+    # a file over the upload limit is an error row, never read into memory
+    sources, _, _ = plan_job(config, [], "images/star/00000.png", 10)
+    assert sources[0][1]().startswith("file is") and "over the limit of 10" in sources[0][1]()
+    assert JobsConfig.from_env({"KEEL_BATCH_ROOT": str(batch_root), "KEEL_JOB_MAX_IMAGES": "7"}) == \
+        JobsConfig(str(batch_root), 7)
+    for env, message in (({"KEEL_BATCH_ROOT": str(batch_root / "nope")}, "is not a folder"),
+                         ({"KEEL_JOB_MAX_IMAGES": "many"}, "must be an integer"),
+                         ({"KEEL_JOB_MAX_IMAGES": "0"}, "must be positive")):
+        with pytest.raises(ValueError, match=message):
+            JobsConfig.from_env(env)
 
 
 @pytest.fixture(scope="module")
