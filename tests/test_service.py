@@ -64,10 +64,38 @@ def test_raw_image_body_and_top_k(server, shapes_data):
     (b"this is not an image", "image/jpeg", 400, "not a recognised image format"),
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10", "image/png", 400, "image"),
     (b"{}", "application/json", 415, "unsupported content type"),
+    ("truncated-jpeg", "image/jpeg", 400, "truncated"),
+    ("bomb", "image/png", 400, "over the limit of 40000000"),  # 100 megapixels by its header
 ])
 def test_bad_uploads_get_a_4xx_json_error(server, body, content_type, status, message):
+    body = BAD_BODIES[body]() if isinstance(body, str) else body
     code, answer = post(f"{server.url}/classify", body, content_type)
     assert code == status and message in answer["error"]
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that is only a header: enough for the pixel check, which must come before any decode."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def truncated_jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.effect_noise((256, 256), 60).convert("RGB").save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()[: len(buffer.getvalue()) // 3]
+
+
+BAD_BODIES = {"truncated-jpeg": truncated_jpeg, "bomb": lambda: png_header(10_000, 10_000)}
 
 
 def test_bad_multipart_and_parameters_get_a_4xx_json_error(server, shapes_data):
