@@ -57,7 +57,7 @@ from service import jobs, v2
 from service.config import ServiceConfig
 from service.inference import ModelInfo, ModelLoadError, OnnxClassifier, batch_buckets, read_model_info, resolve_model, top_k
 from service.preprocessing import ImageDecodeError, preprocess_bytes
-from service.uploads import UploadError, read_upload
+from service.uploads import TaskUploadGuard, UploadError, read_upload
 
 log = logging.getLogger("bentoml.keel")  # BentoML's server logging shows its own hierarchy at INFO
 ENGINE_ATTEMPTS = 3  # see Classifier.infer
@@ -87,6 +87,9 @@ CONFIG = ServiceConfig.from_env()
 JOBS = jobs.JobsConfig.from_env()  # KEEL_BATCH_ROOT, KEEL_JOB_MAX_IMAGES: the `batch` task, service/jobs.py
 CATALOGUE, DEFAULT_MODEL = load_catalogue(CONFIG)
 ENGINE_APIS = {name: f"infer_{index}" for index, name in enumerate(CATALOGUE)}  # one batcher per model
+# An engine answer lost on the way back (see Classifier.infer) is asked again after half the request
+# timeout, so the second attempt still fits in it.
+ENGINE_ATTEMPT_TIMEOUT_S = CONFIG.request_timeout_s / 2
 # KEEL_MAX_BATCH_SIZE=1 turns batching off: BentoML refuses a batchable API with max_batch_size 1.
 BATCHING = CONFIG.max_batch_size > 1
 WARMUP_SIZES = batch_buckets(CONFIG.max_batch_size)  # the sizes the batcher forms on GPU (all of them padded)
@@ -207,13 +210,17 @@ class Classifier:
             async with asyncio.timeout(CONFIG.request_timeout_s):
                 # BentoML's client to the engine pools keep-alive connections, and under bursts a
                 # pooled connection is sometimes already being closed by the engine ("Server
-                # disconnected"); inference is idempotent, so such a request is sent again.
+                # disconnected"), or (about once in 8,000 soak requests) the engine's answer never
+                # arrives although its log shows it sent; inference is idempotent, so such a request
+                # is sent again.
                 for attempt in range(ENGINE_ATTEMPTS):
                     try:
-                        return await call(batch)
-                    except aiohttp.ClientConnectionError:
+                        async with asyncio.timeout(ENGINE_ATTEMPT_TIMEOUT_S):
+                            return await call(batch)
+                    except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                         if attempt == ENGINE_ATTEMPTS - 1:
                             raise
+                        log.warning("engine call %d failed (%r); sending it again", attempt + 1, exc)
         except TimeoutError:
             raise EngineUnavailable(f"no answer within the request timeout of {CONFIG.request_timeout_s:g} s") from None
         except Exception as exc:  # shed by the batcher (503), engine restarting or still starting
@@ -337,6 +344,13 @@ class Classifier:
             return error(str(exc), exc.status)
         except EngineUnavailable as exc:
             return error(f"{exc}; retry the task later (POST /batch/retry)", 503, retry=True)
+
+
+# BentoML parses the batch task's bodies itself (downloading URLs, 500 on bad multipart): checked first.
+# An upload job carries at most KEEL_MAX_BATCH_IMAGES images' worth of bytes; bigger jobs use a path.
+Classifier.add_asgi_middleware(TaskUploadGuard, paths={"/batch", "/batch/submit"}, file_field="images",
+                               max_bytes=CONFIG.max_upload_bytes * CONFIG.max_batch_images,
+                               max_files=JOBS.job_max_images)
 
 
 async def answer(work) -> JSONResponse:

@@ -81,3 +81,80 @@ async def read_upload(request: Request, max_bytes: int, max_files: int = 1, file
 async def read_image(request: Request, max_bytes: int, field: str = "image") -> bytes:
     """Image bytes from a multipart upload (`field`) or from a raw `image/*` body."""
     return (await read_upload(request, max_bytes, 1, field)).files[0][1]
+
+
+class TaskUploadGuard:
+    """ASGI middleware in front of BentoML's own parsing of the `batch` task's requests.
+
+    BentoML 1.4.39 parses those bodies itself, and (a) downloads any URL sent where a file is expected
+    (a string in the `images` field, or a JSON body that is just a URL), (b) answers a malformed
+    multipart body with 500, and only once the task runs for /batch/submit. Keel fetches no URLs and
+    answers bad input with a 4xx, so this reads such a request first (capped, spooled to disk past
+    8 MiB), refuses it with a 4xx JSON error when it is malformed or names a URL, and otherwise
+    replays the body unchanged to BentoML.
+    """
+
+    SPOOL_BYTES = 8 * 1024 * 1024
+
+    def __init__(self, app, paths: set[str], file_field: str, max_bytes: int, max_files: int):
+        self.app, self.paths, self.file_field = app, paths, file_field
+        self.max_bytes, self.max_files = max_bytes, max_files
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        import tempfile
+
+        from starlette.responses import JSONResponse
+
+        with tempfile.SpooledTemporaryFile(self.SPOOL_BYTES) as body:
+            request = Request(scope, receive)
+            try:
+                async for chunk in capped_body(request, self.max_bytes):
+                    body.write(chunk)
+                await self.check(request.headers, body)
+            except UploadError as exc:
+                return await JSONResponse({"error": str(exc)}, status_code=exc.status)(scope, receive, send)
+            body.seek(0)
+
+            async def replay():
+                chunk = body.read(64 * 1024)
+                return {"type": "http.request", "body": chunk, "more_body": len(chunk) == 64 * 1024}
+
+            await self.app(scope, replay, send)
+
+    async def check(self, headers, body) -> None:
+        import json
+
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        body.seek(0)
+        if content_type == "multipart/form-data":
+            async def chunks():
+                while chunk := body.read(64 * 1024):
+                    yield chunk
+
+            parser = MultiPartParser(headers, chunks(), max_files=self.max_files, max_fields=16)
+            try:
+                form = await parser.parse()
+            except Exception as exc:  # python-multipart and Starlette raise several kinds
+                message = getattr(exc, "message", str(exc))
+                if "Too many files" in message:
+                    raise UploadError(f"too many images: at most {self.max_files} per job", 413) from None
+                raise UploadError(f"malformed multipart body: {message}") from None
+            try:
+                if any(not isinstance(value, UploadFile) for value in form.getlist(self.file_field)):
+                    raise UploadError(f"{self.file_field!r} parts must be uploaded files; "
+                                      "URLs and other text are not fetched")
+            finally:
+                await form.close()
+            return
+        raw = body.read().strip()
+        if not raw:
+            return
+        try:
+            document = json.loads(raw)
+        except ValueError:
+            document = None
+        if not isinstance(document, dict):
+            raise UploadError('body must be multipart/form-data or a JSON object such as {"path": "folder"}; '
+                              "URLs are not fetched")

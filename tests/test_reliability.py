@@ -391,11 +391,6 @@ KEEL_API = {
 }
 
 
-# A known BentoML 1.4.39 bug, pinned by test_bentoml_task_endpoint_answers_malformed_multipart_with_500:
-# its API wrapper turns Starlette's HTTPException(400, "Invalid multipart data") into a 500.
-BENTOML_TASK_500 = {("POST", "/batch")}
-
-
 def keel_openapi(server: Server) -> dict:
     """/docs.json, completed with KEEL_API for the Keel routes this server has and /docs.json lacks."""
     with urllib.request.urlopen(f"{server.url}/docs.json", timeout=10) as response:
@@ -426,9 +421,8 @@ def test_openapi_fuzz_finds_no_server_error_and_answers_match_the_schema(server,
         # and they cannot say what Keel answers (the batch task's 403 for a refused path, 413, 429), and
         # for its task endpoints require created_at/executed_at that its own /submit answer never has.
         documented = [checks.status_code_conformance, checks.response_schema_conformance] if case.path in KEEL_API else []
-        server_error = [] if (case.method.upper(), case.path) in BENTOML_TASK_500 else [checks.not_a_server_error]
         case.call_and_validate(base_url=server.url, timeout=60,
-                               checks=[*server_error, checks.content_type_conformance, *documented])
+                               checks=[checks.not_a_server_error, checks.content_type_conformance, *documented])
 
     fuzz()
     operations = {f"{method.upper()} {path}" for path, item in schema.raw_schema["paths"].items() for method in item}
@@ -437,14 +431,16 @@ def test_openapi_fuzz_finds_no_server_error_and_answers_match_the_schema(server,
     assert exercised == operations if mode == "positive" else exercised, (operations - exercised)
 
 
-@pytest.mark.xfail(strict=True, reason="BentoML 1.4.39 answers a malformed multipart body on a @bentoml.task "
-                   "endpoint with 500 (its wrapper re-raises Starlette's HTTPException(400)); strict, so a fixed "
-                   "BentoML shows up here and BENTOML_TASK_500 can go")
-def test_bentoml_task_endpoint_answers_malformed_multipart_with_500(server):
+def test_batch_task_answers_malformed_bodies_with_a_4xx(server):
+    """BentoML 1.4.39 itself answers a malformed multipart body on a @bentoml.task endpoint with 500 (and
+    /submit accepts it): service.uploads.TaskUploadGuard checks these bodies before BentoML parses them."""
     if send(f"{server.url}/batch", None, None, method="OPTIONS").status == 404:
         pytest.skip("no /batch task endpoint")
-    body = b"--a2\r\n[]--a2--\r\n"
-    assert_client_answer(send(f"{server.url}/batch", body, "multipart/form-data; boundary=a2"), "/batch")
+    for path in ("/batch", "/batch/submit"):
+        for body, content_type in [(b"--a2\r\n[]--a2--\r\n", "multipart/form-data; boundary=a2"),
+                                   (b"[1, 2", "application/json"), (b'"just a string"', "application/json")]:
+            answer = send(server.url + path, body, content_type)
+            assert "error" in assert_client_answer(answer, f"{path} {body[:20]!r}") and 400 <= answer.status < 500
 
 
 # --- 2. soak -----------------------------------------------------------------------------------------
@@ -709,6 +705,10 @@ def test_no_endpoint_fetches_a_url_it_is_given(server):
         (f"/classify?url={url}&image={url}", b"", "image/jpeg"),
         ("/classify_batch", *multipart([("images", None, url.encode()), ("urls", None, url.encode())])),
         ("/classify_batch", json.dumps({"urls": [url]}).encode(), "application/json"),
+        ("/batch", *multipart([("images", None, url.encode())])),
+        ("/batch/submit", *multipart([("images", None, url.encode())])),
+        ("/batch/submit", url.encode(), "application/json"),
+        ("/batch/submit", json.dumps(url).encode(), "application/json"),
         (f"/v2/models/{name}/infer", json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                                                              "data": [url]}]}).encode(), "application/json"),
         (f"/v2/models/{name}/infer", json.dumps({"inputs": [{"name": "url", "shape": [1], "datatype": "BYTES",
