@@ -55,7 +55,8 @@ from starlette.routing import Route
 
 from service import jobs, v2
 from service.config import ServiceConfig
-from service.inference import ModelInfo, ModelLoadError, OnnxClassifier, batch_buckets, read_model_info, resolve_model, top_k
+from service.inference import (ModelInfo, ModelLoadError, OnnxClassifier, batch_buckets, gpu_visible, read_model_info,
+                               resolve_model, top_k)
 from service.preprocessing import ImageDecodeError, preprocess_bytes
 from service.uploads import TaskUploadGuard, UploadError, read_upload
 
@@ -86,6 +87,11 @@ def load_catalogue(config: ServiceConfig) -> tuple[dict[str, tuple[Path, ModelIn
 CONFIG = ServiceConfig.from_env()
 JOBS = jobs.JobsConfig.from_env()  # KEEL_BATCH_ROOT, KEEL_JOB_MAX_IMAGES: the `batch` task, service/jobs.py
 CATALOGUE, DEFAULT_MODEL = load_catalogue(CONFIG)
+# KEEL_DEVICE=cuda on a host without any GPU fails here, with a non-zero exit status. (A GPU that is
+# visible but unusable is found by the engine's session, which can only stop the server: exit 0.)
+if CONFIG.device == "cuda" and not gpu_visible():
+    raise ModelLoadError("KEEL_DEVICE=cuda requires the GPU, and this host shows none (no /dev/nvidia*); "
+                         "unset KEEL_DEVICE to serve on the CPU")
 ENGINE_APIS = {name: f"infer_{index}" for index, name in enumerate(CATALOGUE)}  # one batcher per model
 # An engine answer lost on the way back (see Classifier.infer) is asked again after half the request
 # timeout, so the second attempt still fits in it.

@@ -81,17 +81,25 @@ def test_readiness_waits_for_warm_up_then_overload_and_timeouts_are_json(exporte
 
 
 def test_gpu_required_but_not_obtained_stops_the_server_with_a_clear_message(exported_model, tmp_path):
-    """KEEL_DEVICE=cuda on this CPU machine: onnxruntime-gpu offers CUDA, the session cannot get it,
-    and the whole server stops with the reason instead of a worker respawning behind a live /livez."""
+    """KEEL_DEVICE=cuda on this CPU machine (onnxruntime-gpu still claims CUDA): the server refuses to
+    start, with the reason and a failing exit status, instead of a worker respawning behind a live /livez."""
     server = Server(base_env(tmp_path, KEEL_MODEL=str(exported_model), KEEL_DEVICE="cuda"), tmp_path / "server.log")
     try:
         with pytest.raises(RuntimeError) as error:
             server.wait_ready(timeout=90)
     finally:
         server.stop()
-    log = server.log_path.read_text()
-    assert "keel: cannot start:" in log and "KEEL_DEVICE=cuda requires the GPU" in log, log[-3000:]
-    assert log.count("keel: cannot start:") == 1  # stopped, not respawning
+    assert "KEEL_DEVICE=cuda requires the GPU" in str(error.value) and server.process.returncode != 0
+
+
+def test_a_session_that_cannot_get_cuda_is_refused_when_cuda_is_required(exported_model):
+    """A GPU that is visible but unusable (no driver, wrong CUDA) is only found when the session is
+    made: onnxruntime-gpu falls back to the CPU silently, and Keel refuses that (the engine then stops
+    the whole server). On this CPU host the session is made without the import-time check."""
+    from service.inference import ModelLoadError, OnnxClassifier
+
+    with pytest.raises(ModelLoadError, match="KEEL_DEVICE=cuda requires the GPU"):
+        OnnxClassifier(exported_model, "cuda")
 
 
 @pytest.mark.parametrize("env, message", [
