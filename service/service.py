@@ -19,6 +19,9 @@ every model is loaded and warmed up):
   GET  /metadata        every model: name/version, labels, input size, preprocessing, provider,
                         batching; `?model=NAME` for one; the default model's fields at top level
   /v2/...               the Open Inference Protocol, see service/v2.py
+  POST /batch/submit, GET /batch/status, GET /batch/get
+                        a batch job (@bentoml.task): uploads or a path under KEEL_BATCH_ROOT,
+                        see service/jobs.py; bodies checked first by uploads.TaskUploadGuard
 Errors are JSON {"error": "..."}: 400 bad input, 404 unknown model, 413 too large, 415 content
 type, 429 too many requests in progress (KEEL_MAX_CONCURRENCY), 503 engine not ready, shedding
 load, or past the request timeout (KEEL_REQUEST_TIMEOUT_S).
