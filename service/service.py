@@ -226,8 +226,10 @@ class Classifier:
                     try:
                         async with asyncio.timeout(ENGINE_ATTEMPT_TIMEOUT_S):
                             return await call(batch)
-                    except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                        if attempt == ENGINE_ATTEMPTS - 1:
+                    except (aiohttp.ClientConnectionError, TimeoutError, RuntimeError) as exc:
+                        # aiohttp reports a write to a connection closed under it as RuntimeError
+                        if attempt == ENGINE_ATTEMPTS - 1 or (type(exc) is RuntimeError
+                                                              and "Connection closed" not in str(exc)):
                             raise
                         log.warning("engine call %d failed (%r); sending it again", attempt + 1, exc)
         except TimeoutError:

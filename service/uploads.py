@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -18,17 +19,44 @@ class UploadError(ValueError):
         self.status = status
 
 
+# What a refused upload may still send, read and dropped, before the 413 goes out (see linger).
+LINGER_BYTES = 4 * 1024 * 1024
+LINGER_SECONDS = 2.0
+
+
 async def capped_body(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
     """The request body's chunks, refused with 413 as soon as they pass `max_bytes`."""
     declared = request.headers.get("content-length", "")
+    stream = request.stream()
     if declared.isdigit() and int(declared) > max_bytes:
+        if int(declared) - max_bytes <= LINGER_BYTES:
+            await linger(stream)
         raise UploadError(f"request body of {declared} bytes is over the limit of {max_bytes} bytes", 413)
     size = 0
-    async for chunk in request.stream():
+    async for chunk in stream:
         size += len(chunk)
         if size > max_bytes:
+            await linger(stream)
             raise UploadError(f"request body is over the limit of {max_bytes} bytes", 413)
         yield chunk
+
+
+async def linger(stream: AsyncIterator[bytes]) -> None:
+    """Read and drop the rest of a refused body, bounded in bytes and time (nginx's lingering close).
+
+    Answering while the client is still sending and then closing makes the client's kernel reset
+    the connection, and most clients then report a connection error instead of our 413. Bodies far
+    over the limit are not read: those clients get the reset.
+    """
+    drained = 0
+    try:
+        async with asyncio.timeout(LINGER_SECONDS):
+            async for chunk in stream:
+                drained += len(chunk)
+                if drained > LINGER_BYTES:
+                    return
+    except Exception:  # timed out or the client went away: nothing more to do for it
+        return
 
 
 @dataclass
