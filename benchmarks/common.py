@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
 
 
@@ -47,6 +48,18 @@ def spread(samples: list[float]) -> dict:
 def fmt(summary: dict, digits: int = 1) -> str:
     """'123.4 (118.0–130.2)': median, then min–max, for a Markdown table cell."""
     return f"{summary['median']:.{digits}f} ({summary['min']:.{digits}f}–{summary['max']:.{digits}f})"
+
+
+def time_calls(call, seconds: float, min_calls: int = 3) -> list[float]:
+    """Durations (s) of repeated `call()`s for about `seconds`, after one untimed warm-up call."""
+    call()
+    durations = []
+    started = time.perf_counter()
+    while len(durations) < min_calls or time.perf_counter() - started < seconds:
+        t0 = time.perf_counter()
+        call()
+        durations.append(time.perf_counter() - t0)
+    return durations
 
 
 def write_results(out: Path, name: str, results: dict) -> Path:

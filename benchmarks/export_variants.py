@@ -17,13 +17,12 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import fmt, spread, write_results
+from benchmarks.common import fmt, spread, time_calls, write_results
 
 NAME = "export_variants"
 REPO = Path(__file__).resolve().parents[1]
@@ -44,18 +43,6 @@ class VariantsConfig:
     def quick(cls, checkpoint: str, data: str | None) -> VariantsConfig:
         return cls(checkpoint=checkpoint, data=data, batch_sizes=(1, 32), repeats=3, run_seconds=0.1,
                    calibration_count=64)
-
-
-def time_calls(call, seconds: float, min_calls: int = 3) -> list[float]:
-    """Durations (s) of repeated `call()`s for about `seconds`, after one untimed warm-up call."""
-    call()
-    durations = []
-    started = time.perf_counter()
-    while len(durations) < min_calls or time.perf_counter() - started < seconds:
-        t0 = time.perf_counter()
-        call()
-        durations.append(time.perf_counter() - t0)
-    return durations
 
 
 def run(config: VariantsConfig) -> dict:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from benchmarks.common import fmt, spread, write_results
+from benchmarks.common import fmt, spread, time_calls, write_results
 
 NAME = "limit"
 
@@ -82,18 +82,6 @@ def photo_like(width: int, height: int, seed: int = 0, quality: int = 90) -> byt
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
-
-
-def time_calls(call, seconds: float, min_calls: int = 3) -> list[float]:
-    """Durations (s) of repeated `call()`s for about `seconds`, after one untimed warm-up call."""
-    call()
-    durations = []
-    started = time.perf_counter()
-    while len(durations) < min_calls or time.perf_counter() - started < seconds:
-        t0 = time.perf_counter()
-        call()
-        durations.append(time.perf_counter() - t0)
-    return durations
 
 
 def bench_inference(classifier, config: LimitConfig) -> list[dict]:

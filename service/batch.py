@@ -141,16 +141,25 @@ def list_inputs(source: str, stdin: Iterable[str] | None = None) -> list[Item]:
 # --- decoding (runs in worker threads or processes) ---------------------------------------------
 
 
-def load(path: Path, spec: PreprocessSpec, max_pixels: int, draft: bool) -> np.ndarray | str:
-    """The model input for one file, or the one-line reason it has none."""
+def read_file(path: Path, max_bytes: int | None = None) -> bytes | str:
+    """A file's bytes, or the one-line reason there are none (an error row, never a failed job)."""
     try:
-        data = path.read_bytes()
+        if max_bytes is not None and (size := path.stat().st_size) > max_bytes:
+            return f"file is {size} bytes, over the limit of {max_bytes}"
+        return path.read_bytes()
     except FileNotFoundError:
         return "no such file"
     except IsADirectoryError:
         return "is a directory, not an image"
     except OSError as exc:
         return f"cannot read the file: {exc.strerror or exc}"
+
+
+def load(path: Path, spec: PreprocessSpec, max_pixels: int, draft: bool) -> np.ndarray | str:
+    """The model input for one file, or the one-line reason it has none."""
+    data = read_file(path)
+    if isinstance(data, str):
+        return data
     try:
         return preprocess_bytes(data, spec, max_pixels, draft)
     except Exception as exc:  # one bad file must never stop the job

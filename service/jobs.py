@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.batch import BatchInputError, Item, list_inputs
+from service.batch import BatchInputError, Item, list_inputs, read_file
 from service.inference import ModelInfo, top_k
 
 # What a job reads an image from: an uploaded file or a server-side one, already checked.
@@ -114,21 +114,6 @@ def server_inputs(root: str, requested: str) -> tuple[list[Item], dict[str, str]
         items = [(str(target.relative_to(base)), target)]
     refused = {key: "outside the batch root" for key, path in items if not inside(path, base)}
     return items, refused
-
-
-def read_file(path: Path, max_bytes: int) -> bytes | str:
-    """A server-side file's bytes, or why there are none (a missing file is an error row, not a failed job)."""
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            return f"file is {size} bytes, over the limit of {max_bytes}"
-        return path.read_bytes()
-    except FileNotFoundError:
-        return "no such file"
-    except IsADirectoryError:
-        return "is a directory, not an image"
-    except OSError as exc:
-        return f"cannot read the file: {exc.strerror or exc}"
 
 
 def upload_name(path: Path) -> str:

@@ -59,6 +59,19 @@ async def linger(stream: AsyncIterator[bytes]) -> None:
         return
 
 
+async def parse_form(headers, chunks: AsyncIterator[bytes], max_files: int, too_many: UploadError):
+    """Starlette's multipart parser over `chunks`, its failures as UploadErrors (`too_many` past max_files)."""
+    try:
+        return await MultiPartParser(headers, chunks, max_files=max_files, max_fields=16).parse()
+    except UploadError:
+        raise
+    except MultiPartException as exc:
+        if "Too many files" in exc.message:
+            raise too_many from None
+        raise UploadError(f"malformed multipart body: {exc.message}") from None
+    except Exception as exc:  # python-multipart and Starlette raise several kinds
+        raise UploadError(f"malformed multipart body: {exc}") from None
+
 @dataclass
 class Upload:
     """What a request carried: its image files in body order, and its plain form fields."""
@@ -73,18 +86,8 @@ async def read_upload(request: Request, max_bytes: int, max_files: int = 1, file
     is None), or of a raw `image/*` body when `raw_body`; refused with 413 past `max_bytes`."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        parser = MultiPartParser(request.headers, capped_body(request, max_bytes), max_files=max_files,
-                                 max_fields=16)
-        try:
-            form = await parser.parse()
-        except UploadError:
-            raise
-        except MultiPartException as exc:
-            if "Too many files" in exc.message:
-                raise UploadError(f"too many images: at most {max_files} per request") from None
-            raise UploadError(f"malformed multipart body: {exc.message}") from None
-        except Exception as exc:  # python-multipart and Starlette raise several kinds
-            raise UploadError(f"malformed multipart body: {exc}") from None
+        form = await parse_form(request.headers, capped_body(request, max_bytes), max_files,
+                                UploadError(f"too many images: at most {max_files} per request"))
         try:
             upload = Upload()
             for name, value in form.multi_items():
@@ -161,14 +164,8 @@ class TaskUploadGuard:
                 while chunk := body.read(64 * 1024):
                     yield chunk
 
-            parser = MultiPartParser(headers, chunks(), max_files=self.max_files, max_fields=16)
-            try:
-                form = await parser.parse()
-            except Exception as exc:  # python-multipart and Starlette raise several kinds
-                message = getattr(exc, "message", str(exc))
-                if "Too many files" in message:
-                    raise UploadError(f"too many images: at most {self.max_files} per job", 413) from None
-                raise UploadError(f"malformed multipart body: {message}") from None
+            form = await parse_form(headers, chunks(), self.max_files,
+                                    UploadError(f"too many images: at most {self.max_files} per job", 413))
             try:
                 if any(not isinstance(value, UploadFile) for value in form.getlist(self.file_field)):
                     raise UploadError(f"{self.file_field!r} parts must be uploaded files; "
