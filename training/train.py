@@ -39,10 +39,13 @@ from training.stability import DivergenceMonitor, TrainingDiverged, passes_gate,
 def train(config: TrainConfig) -> dict:
     """Train as `config` says; under `torchrun` each process runs this with its share of the data."""
     dist_env = DistEnv.from_environment(config.device)
+    finished = False
     try:
-        return _train(config, dist_env)
+        result = _train(config, dist_env)
+        finished = True
+        return result
     finally:
-        dist_env.close()
+        dist_env.close(finished)
 
 
 def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
@@ -354,8 +357,14 @@ class DistEnv:
         torch.distributed.all_gather_object(values, value)
         return values
 
-    def close(self) -> None:
+    def close(self, finished: bool) -> None:
         if self.world > 1 and torch.distributed.is_initialized():
+            # After a finished run rank 0 is still writing reports when the others get here; gloo torn
+            # down on one side while the other still holds the group aborted a rank at exit once
+            # ("terminate called without an active exception"), so finished ranks leave together.
+            # (After an error a barrier could wait on a rank that never comes.)
+            if finished:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
