@@ -42,7 +42,7 @@ from benchmarks.limit import LimitConfig, bench_pipeline, photo_like
 
 NAME = "service_load"
 REPO = Path(__file__).resolve().parents[1]
-BATCH_METRIC = "bentoml_service_adaptive_batch_size"
+BATCH_METRIC = "keel_batch_size"  # service/engine.py
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,11 @@
 """Keel's HTTP service, read as a spec.
 
-Two BentoML services:
-- `InferenceEngine` owns one ONNX Runtime session per served model (loaded and warmed once, CUDA
-  when obtained) and exposes one batchable API per model, `infer_<i>`: BentoML's adaptive batcher
-  merges concurrent requests for that model into one N x 3 x S x S batch and splits the
-  N x classes answer back. Models never share a batch.
-- `Classifier` is the public HTTP surface. It decodes and preprocesses each upload in its own
-  worker (so the engine only ever sees ready tensors), calls the engine, and post-processes.
+One BentoML service, `Classifier`, in KEEL_WORKERS HTTP worker processes. Each worker decodes and
+preprocesses uploads on threads and holds the engine (service/engine.py): one ONNX Runtime session
+per served model (loaded and warmed once, CUDA when obtained), each behind BentoML's adaptive
+batcher, which merges concurrent requests for that model into one N x 3 x S x S batch and splits
+the N x classes answer back. Models never share a batch. The engine lives in the worker, not in a
+second BentoML service: that hop cost more than inference itself (service/engine.py says how much).
 
 Endpoints (BentoML's /healthz, /livez, /readyz, /metrics, /docs.json stay; /readyz is 503 until
 every model is loaded and warmed up):
@@ -48,7 +47,6 @@ import signal
 import time
 from pathlib import Path
 
-import aiohttp  # BentoML's transport between services
 import bentoml
 import numpy as np
 from starlette.applications import Starlette
@@ -58,13 +56,12 @@ from starlette.routing import Route
 
 from service import jobs, v2
 from service.config import ServiceConfig
-from service.inference import (ModelInfo, ModelLoadError, OnnxClassifier, batch_buckets, gpu_visible, read_model_info,
-                               resolve_model, top_k)
+from service.engine import Engine
+from service.inference import ModelInfo, ModelLoadError, batch_buckets, gpu_visible, read_model_info, resolve_model, top_k
 from service.preprocessing import ImageDecodeError, preprocess_bytes
 from service.uploads import TaskUploadGuard, UploadError, read_upload
 
 log = logging.getLogger("bentoml.keel")  # BentoML's server logging shows its own hierarchy at INFO
-ENGINE_ATTEMPTS = 3  # see Classifier.infer
 
 
 def load_catalogue(config: ServiceConfig) -> tuple[dict[str, tuple[Path, ModelInfo]], str]:
@@ -95,12 +92,7 @@ CATALOGUE, DEFAULT_MODEL = load_catalogue(CONFIG)
 if CONFIG.device == "cuda" and not gpu_visible():
     raise ModelLoadError("KEEL_DEVICE=cuda requires the GPU, and this host shows none (no /dev/nvidia*); "
                          "unset KEEL_DEVICE to serve on the CPU")
-ENGINE_APIS = {name: f"infer_{index}" for index, name in enumerate(CATALOGUE)}  # one batcher per model
-# An engine answer lost on the way back (see Classifier.infer) is asked again after half the request
-# timeout, so the second attempt still fits in it.
-ENGINE_ATTEMPT_TIMEOUT_S = CONFIG.request_timeout_s / 2
-# KEEL_MAX_BATCH_SIZE=1 turns batching off: BentoML refuses a batchable API with max_batch_size 1.
-BATCHING = CONFIG.max_batch_size > 1
+BATCHING = CONFIG.max_batch_size > 1  # KEEL_MAX_BATCH_SIZE=1 turns batching off
 WARMUP_SIZES = batch_buckets(CONFIG.max_batch_size)  # the sizes the batcher forms on GPU (all of them padded)
 # BentoML's own per-request timeout (504) is a backstop behind ours, which answers with a clear 503 first.
 TRAFFIC_TIMEOUT_S = CONFIG.request_timeout_s + 10
@@ -110,55 +102,12 @@ class EngineUnavailable(RuntimeError):
     """The engine could not answer in time (starting, overloaded, restarting): the client may retry (503)."""
 
 
-class InferenceEngine:
-    def __init__(self) -> None:
-        try:
-            self.sessions = {
-                name: OnnxClassifier(path, CONFIG.device, CONFIG.cpu_threads, CONFIG.tensorrt, CONFIG.max_batch_size)
-                for name, (path, _) in CATALOGUE.items()
-            }
-            # Readiness waits for this: no request pays for first-run allocations or cuDNN searches.
-            self.warmup_ms = {name: session.warm_up(WARMUP_SIZES) for name, session in self.sessions.items()}
-        except ModelLoadError as exc:
-            stop_server(str(exc))
-        for name, session in self.sessions.items():
-            log.info("serving model %s (version %s) from %s on %s", name, session.info.version, session.path,
-                     session.provider)
-        if CONFIG.warmup_delay_s:
-            time.sleep(CONFIG.warmup_delay_s)
-
-    @bentoml.api
-    def describe(self) -> dict:
-        """What each session really runs on, for /metadata."""
-        return {name: {"provider": session.provider, "providers": session.providers,
-                       "cpu_threads": session.threads, "batch_buckets": session.buckets,
-                       "warmup_ms": {str(size): ms for size, ms in self.warmup_ms[name].items()}}
-                for name, session in self.sessions.items()}
-
-
-def _infer_api(name: str):
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.sessions[name].predict(batch)
-
-    infer.__name__ = infer.__qualname__ = ENGINE_APIS[name]
-    infer.__doc__ = f"Model {name!r}: N x 3 x S x S preprocessed float32 -> N x classes probabilities."
-    return bentoml.api(batchable=BATCHING, max_batch_size=max(CONFIG.max_batch_size, 2),
-                       max_latency_ms=CONFIG.max_latency_ms)(infer)
-
-
-# One batchable API per model, added before BentoML collects the class's APIs.
-for _name, _api in ENGINE_APIS.items():
-    setattr(InferenceEngine, _api, _infer_api(_name))
-InferenceEngine = bentoml.service(name="keel-engine", traffic={"timeout": TRAFFIC_TIMEOUT_S})(InferenceEngine)
-
-
 def stop_server(message: str) -> None:
-    """A model that cannot run where asked (KEEL_DEVICE=cuda without a GPU...) must stop the whole
+    """A model that cannot run where asked (a visible GPU that CUDA cannot use...) must stop the whole
     server with one clear message: BentoML would otherwise respawn this worker forever behind a
     /livez that says alive. The worker's parent is `bentoml serve`'s process manager."""
     log.error("keel: cannot start: %s", message)
     os.kill(os.getppid(), signal.SIGTERM)
-    raise SystemExit(message)
 
 
 async def classify(request: Request) -> JSONResponse:
@@ -193,50 +142,34 @@ class RequestError(Exception):
 @bentoml.service(name="keel", workers=CONFIG.workers,
                  traffic={"timeout": TRAFFIC_TIMEOUT_S, "max_concurrency": CONFIG.max_concurrency})
 class Classifier:
-    engine = bentoml.depends(InferenceEngine)
-
     def __init__(self) -> None:
         # Labels and preprocessing come from the model files themselves (read at import).
         self.models: dict[str, ModelInfo] = {name: info for name, (_, info) in CATALOGUE.items()}
         self.default_model = DEFAULT_MODEL
         self.info = self.models[DEFAULT_MODEL]  # the single-model interface, kept for existing callers
-        self.runtime: dict | None = None  # the engine's describe(), once it has answered
+        self.engine = Engine(CATALOGUE, CONFIG.device, CONFIG.cpu_threads, CONFIG.tensorrt, CONFIG.max_batch_size,
+                             CONFIG.max_latency_ms, WARMUP_SIZES, CONFIG.warmup_delay_s)
+        self.engine.start(on_error=stop_server)
+        self.runtime: dict | None = None  # the engine's describe(), once every model is warm
 
     async def __is_ready__(self) -> bool:
-        """Ready once the engine has loaded and warmed every model (its __init__ does both, and it
-        answers nothing before); BentoML's /readyz answers 503 until then."""
-        if self.runtime is None:
-            try:
-                self.runtime = await asyncio.wait_for(self.engine.to_async.describe(), 2)
-            except Exception:  # not listening yet, or still starting
-                return False
-        return True
+        """Ready once the engine has loaded and warmed every model; BentoML's /readyz answers 503 until then."""
+        if self.runtime is None and self.engine.ready:
+            self.runtime = self.engine.describe()
+        return self.runtime is not None
 
     async def infer(self, model: str, batch: np.ndarray) -> np.ndarray:
         """N x 3 x S x S float32 -> N x classes probabilities, through `model`'s adaptive batcher."""
-        call = getattr(self.engine.to_async, ENGINE_APIS[model])  # KeyError: not a served model
+        if model not in self.models:
+            raise KeyError(model)
         try:
             async with asyncio.timeout(CONFIG.request_timeout_s):
-                # BentoML's client to the engine pools keep-alive connections, and under bursts a
-                # pooled connection is sometimes already being closed by the engine ("Server
-                # disconnected"), or (about once in 8,000 soak requests) the engine's answer never
-                # arrives although its log shows it sent; inference is idempotent, so such a request
-                # is sent again.
-                for attempt in range(ENGINE_ATTEMPTS):
-                    try:
-                        async with asyncio.timeout(ENGINE_ATTEMPT_TIMEOUT_S):
-                            return await call(batch)
-                    except (aiohttp.ClientConnectionError, TimeoutError, RuntimeError) as exc:
-                        # aiohttp reports a write to a connection closed under it as RuntimeError
-                        if attempt == ENGINE_ATTEMPTS - 1 or (type(exc) is RuntimeError
-                                                              and "Connection closed" not in str(exc)):
-                            raise
-                        log.warning("engine call %d failed (%r); sending it again", attempt + 1, exc)
+                return await self.engine.infer(model, batch)
         except TimeoutError:
             raise EngineUnavailable(f"no answer within the request timeout of {CONFIG.request_timeout_s:g} s") from None
-        except Exception as exc:  # shed by the batcher (503), engine restarting or still starting
+        except Exception as exc:  # shed by the batcher, or still loading
             log.warning("inference failed: %r", exc)
-            raise EngineUnavailable(f"inference engine unavailable ({type(exc).__name__})") from None
+            raise EngineUnavailable(f"inference engine unavailable: {exc}") from None
 
     def model_or_404(self, name: str | None) -> ModelInfo:
         if not name:

@@ -61,7 +61,6 @@ DATATYPE = "FP32"  # the only tensor type Keel models take and give (besides BYT
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration")
 PLATFORM = "onnxruntime_onnx"  # what Triton reports for an ONNX model
-READY_TIMEOUT_S = 5  # how long a readiness probe waits for the engine's own /readyz
 
 
 class ProtocolError(ValueError):
@@ -361,21 +360,12 @@ def find_model(request: Request) -> ModelInfo:
 
 
 async def service_ready(service) -> bool:
-    """What BentoML's /readyz answers: the service's own __is_ready__ (warm-up), then its engine's."""
+    """What BentoML's /readyz answers: the service's own __is_ready__ (every model loaded and warm)."""
     probe = getattr(service, "__is_ready__", None)
-    if probe is not None:
-        ready = probe()
-        if inspect.isawaitable(ready):
-            ready = await ready
-        if not ready:
-            return False
-    engine_ready = getattr(getattr(service, "engine", None), "is_ready", None)
-    if engine_ready is None:
+    if probe is None:
         return True
-    try:
-        return bool(await engine_ready(READY_TIMEOUT_S))
-    except Exception:  # the engine is starting or gone: not ready, not a 500
-        return False
+    ready = probe()
+    return bool(await ready if inspect.isawaitable(ready) else ready)
 
 
 def routes(config: ServiceConfig) -> list[Route]:

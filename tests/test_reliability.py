@@ -504,7 +504,7 @@ def test_soak_answers_match_single_requests(own_server, good_images):
 # --- 3. faults ---------------------------------------------------------------------------------------
 
 def test_killed_workers_are_replaced_under_load_and_later_requests_succeed(own_server, good_images):
-    """SIGKILL each worker (engine, then HTTP) while 4 clients keep sending: the server recovers."""
+    """SIGKILL the HTTP worker (it holds the engine) while 4 clients keep sending: the server recovers."""
     stop, statuses = threading.Event(), []
     data = good_images[0][1]
 
@@ -518,8 +518,8 @@ def test_killed_workers_are_replaced_under_load_and_later_requests_succeed(own_s
     try:
         time.sleep(1)
         original = workers(own_server)
-        assert len(original) >= 2, original
-        for pid in sorted(original, key=lambda p: "engine" not in original[p]):  # the engine first
+        assert original, original
+        for pid in original:
             os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and len(workers(own_server)) < len(original):
@@ -531,7 +531,7 @@ def test_killed_workers_are_replaced_under_load_and_later_requests_succeed(own_s
             thread.join(timeout=60)
     replaced = workers(own_server)
     assert len(replaced) == len(original) and not set(replaced) & set(original), (original, replaced)
-    # In flight when a worker died: a 503 (engine gone) or a dropped connection (HTTP worker gone), never a 500.
+    # In flight when the worker died: a dropped connection, or a 503 while its successor warms up; never a 500.
     assert not [s for s in statuses if isinstance(s, int) and s not in (200, 503)], statuses
     assert statuses.count(200) > len(statuses) // 2
     for _ in range(20):  # and afterwards everything works

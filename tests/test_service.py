@@ -127,11 +127,11 @@ def test_concurrent_requests_are_all_answered_correctly(server, shapes_data):
 
 
 def batch_size_totals(url: str) -> tuple[float, float]:
-    """(images, batches) the engine's adaptive batcher has sent to ONNX Runtime so far."""
+    """(images, batches) the adaptive batcher has sent to ONNX Runtime so far (Keel's own histogram)."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
         lines = response.read().decode().splitlines()
     total = lambda suffix: sum(float(line.rsplit(" ", 1)[1]) for line in lines  # noqa: E731
-                               if line.startswith(f"bentoml_service_adaptive_batch_size_{suffix}{{"))
+                               if line.startswith(f"keel_batch_size_{suffix}{{"))
     return total("sum"), total("count")
 
 

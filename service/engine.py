@@ -1,0 +1,109 @@
+"""The inference engine inside each HTTP worker: one ONNX Runtime session per served model, each
+behind BentoML's adaptive batcher.
+
+The batcher is BentoML's own `CorkDispatcher`, the algorithm behind `@bentoml.api(batchable=True)`:
+it learns how long a batch of n takes, waits for more requests only while that keeps within
+`max_latency_ms`, and sheds (503) what cannot make it. Keel runs it in the HTTP worker instead of
+behind a second BentoML service because that service boundary is an HTTP hop with pickled tensors
+per request: on the CPU it cost about 3 ms of the 6 ms p50 at one client and halved throughput at 64
+(docs/benchmarks.md, session 2). The price: each HTTP worker (KEEL_WORKERS) holds its own sessions.
+
+Sessions load and warm up on a thread started by `start()`, so the worker answers /livez and a 503
+/readyz meanwhile (and not a hanging socket during a TensorRT build); `ready` turns true after the
+last warm-up. ONNX Runtime releases the GIL while it runs, so decoding goes on beside inference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import bentoml
+import numpy as np
+from bentoml._internal.marshal.dispatcher import CorkDispatcher  # pinned bentoml==1.4.39; tests/test_service
+
+from service.inference import ModelInfo, ModelLoadError, OnnxClassifier
+
+log = logging.getLogger("bentoml.keel")
+
+BATCH_SIZES = bentoml.metrics.Histogram(
+    name="keel_batch_size", documentation="Images per batch sent to ONNX Runtime, per model",
+    labelnames=["model"], buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+
+
+class Shed(RuntimeError):
+    """The batcher dropped a request that could not be answered within max_latency_ms."""
+
+
+def _shed():
+    raise Shed("the adaptive batcher shed the request: it could not be answered within KEEL_MAX_LATENCY_MS")
+
+
+class Engine:
+    def __init__(self, catalogue: dict[str, tuple[Path, ModelInfo]], device: str, cpu_threads: int,
+                 tensorrt: bool, max_batch_size: int, max_latency_ms: int, warmup_sizes: list[int],
+                 warmup_delay_s: float = 0.0):
+        self.catalogue = catalogue
+        self.options = dict(device=device, threads=cpu_threads, tensorrt=tensorrt, max_batch_size=max_batch_size)
+        self.warmup_sizes, self.warmup_delay_s = warmup_sizes, warmup_delay_s
+        self.max_batch_size, self.max_latency_ms = max_batch_size, max_latency_ms
+        self.sessions: dict[str, OnnxClassifier] = {}
+        self.warmup_ms: dict[str, dict[int, float]] = {}
+        self.batchers: dict[str, Callable] = {}
+        self.ready = False
+
+    def start(self, on_error: Callable[[str], None]) -> None:
+        """Load and warm up every model on a thread; `on_error(message)` if one cannot run here."""
+        threading.Thread(target=self._load, args=(on_error,), name="keel-engine-load", daemon=True).start()
+
+    def _load(self, on_error: Callable[[str], None]) -> None:
+        try:
+            for name, (path, _) in self.catalogue.items():
+                session = OnnxClassifier(path, **self.options)
+                # Readiness waits for this: no request pays for first-run allocations or cuDNN searches.
+                self.warmup_ms[name] = session.warm_up(self.warmup_sizes)
+                self.sessions[name] = session
+                log.info("serving model %s (version %s) from %s on %s", name, session.info.version, path,
+                         session.provider)
+        except ModelLoadError as exc:
+            on_error(str(exc))
+            return
+        time.sleep(self.warmup_delay_s)
+        self.ready = True
+
+    async def infer(self, model: str, batch: np.ndarray) -> np.ndarray:
+        """N x 3 x S x S float32 -> N x classes probabilities, through `model`'s batcher. KeyError: not
+        a served model; Shed: dropped by the batcher; RuntimeError: not loaded yet."""
+        if not self.ready:
+            raise RuntimeError("the models are still loading")
+        batcher = self.batchers.get(model)
+        if batcher is None:  # made on first use: the dispatcher binds to the running event loop
+            batcher = self.batchers[model] = self._batcher(model)
+        return await batcher(batch)
+
+    def _batcher(self, model: str) -> Callable:
+        session = self.sessions[model]
+        if self.max_batch_size == 1:  # KEEL_MAX_BATCH_SIZE=1: batching off, each request on its own
+            return lambda batch: asyncio.to_thread(session.predict, batch)
+        dispatcher = CorkDispatcher(self.max_latency_ms, self.max_batch_size, fallback=_shed,
+                                    get_batch_size=len, batch_dim=(0, 0))
+
+        async def run(requests: Sequence[np.ndarray]) -> list[np.ndarray]:
+            sizes = [len(r) for r in requests]
+            BATCH_SIZES.labels(model=model).observe(sum(sizes))
+            probabilities = await asyncio.to_thread(session.predict, np.concatenate(requests))
+            return np.split(probabilities, np.cumsum(sizes)[:-1])
+
+        return dispatcher(run)
+
+    def describe(self) -> dict:
+        """What each session really runs on, for /metadata."""
+        return {name: {"provider": session.provider, "providers": session.providers,
+                       "cpu_threads": session.threads, "batch_buckets": session.buckets,
+                       "warmup_ms": {str(size): ms for size, ms in self.warmup_ms[name].items()}}
+                for name, session in self.sessions.items()}
+
