@@ -1,6 +1,6 @@
 """The service under load, against its in-process limit and against the plainest peer.
 
-`python -m benchmarks.service_load --model artifacts/model.onnx [--quick] --out docs/benchmarks`
+`python -m benchmarks.service_load --model artifacts/model.onnx [--large-model M.onnx] [--quick] --out docs/benchmarks`
 
 Starts each server for real on 127.0.0.1 and drives it with a closed-loop load generator
 (asyncio + aiohttp: `concurrency` clients, each sending its next request when the last one is
@@ -14,7 +14,8 @@ Per run: throughput of good answers, p50/p90/p99 latency, errors by status; per 
 batch sizes BentoML's batcher really formed (its histogram in /metrics, before minus after).
 The in-process pipeline (benchmarks/limit.py's, on the same JPEGs) is measured first; the
 service's throughput at saturation is reported as a share of it, and its p50 at concurrency 1
-as milliseconds added to it. The load generator shares the machine's cores with the server,
+as milliseconds added to it. With `--large-model` (a full-size network, where inference and not
+HTTP is the cost) Keel as shipped and the peer are measured again on it. The load generator shares the machine's cores with the server,
 as any loopback benchmark does: the numbers are for the whole machine, client included.
 """
 
@@ -57,11 +58,12 @@ class LoadConfig:
     budget_concurrency: tuple[int, ...] = (16, 64)
     workers_concurrency: tuple[int, ...] = (1, 4, 16, 64)  # levels for KEEL_WORKERS=2
     image: tuple[int, int] = (500, 375)  # JPEG size uploaded
+    large_model: str = ""  # a second, full-size model: Keel as shipped and the peer again ("" = skip)
 
     @classmethod
     def quick(cls, model: str) -> LoadConfig:
         return cls(model=model, concurrency=(1, 16), repeats=2, run_seconds=0.3, max_requests=100,
-                   warmup_requests=4, budgets_ms=(), budget_concurrency=(), workers_concurrency=())
+                   warmup_requests=4, budgets_ms=(), budget_concurrency=(), workers_concurrency=(), large_model="")
 
 
 def free_port() -> int:
@@ -230,30 +232,48 @@ def measure(server: Launched, bodies, config: LoadConfig, levels: tuple[int, ...
 
 
 def run(config: LoadConfig, out: Path) -> dict:
-    from service.inference import OnnxClassifier
-
     images = [photo_like(*config.image, seed) for seed in range(8)]
     bodies = [multipart(data) for data in images]
-    print(f"service_load: in-process pipeline on {config.image[0]}x{config.image[1]} JPEGs", file=sys.stderr)
-    pipeline = bench_pipeline(OnnxClassifier(config.model, device="auto"), images,
+    results = {"config": asdict(config), **scenario(config.model, config, images, bodies, full=True)}
+    plot(results, out / f"{NAME}.png")
+    if config.large_model:
+        results["large"] = scenario(config.large_model, config, images, bodies, full=False)
+        plot(results["large"], out / f"{NAME}_large.png")
+    return results
+
+
+def scenario(model: str, config: LoadConfig, images: list[bytes], bodies, full: bool) -> dict:
+    """One model: its in-process pipeline, then Keel as shipped and the peer under the same load;
+    `full` adds Keel's variants (batching off, two workers, latency budgets)."""
+    from service.inference import OnnxClassifier
+
+    classifier = OnnxClassifier(model, device="auto")
+    info = {"name": classifier.info.name, "arch": classifier.info.arch, "crop": classifier.info.preprocessing.crop,
+            "mib": round(Path(model).stat().st_size / 2**20, 1), "provider": classifier.provider}
+    print(f"service_load: {info['name']} ({info['arch']}, {info['crop']} px): in-process pipeline on "
+          f"{config.image[0]}x{config.image[1]} JPEGs", file=sys.stderr)
+    pipeline = bench_pipeline(classifier, images,
                               LimitConfig(repeats=config.repeats, run_seconds=min(config.run_seconds, 2.0),
-                                          pipeline_images=128 if config.repeats < 3 else 512))
+                                          pipeline_images=128 if config.repeats < 3 or not full else 512))
+    del classifier
     print(f"  pipeline: {fmt(pipeline['images_per_s'])} images/s, one image {fmt(pipeline['single_image_ms'], 2)} ms",
           file=sys.stderr)
 
     servers = {}
     with tempfile.TemporaryDirectory(prefix="keel-bench-") as tmp:
         logs = Path(tmp)
-        plan = [("keel", "Keel (adaptive batching, defaults)", keel(config.model, logs, "keel"), config.concurrency),
-                ("keel_unbatched", "Keel, batching off (KEEL_MAX_BATCH_SIZE=1)",
-                 keel(config.model, logs, "keel_unbatched", KEEL_MAX_BATCH_SIZE="1"), config.concurrency),
-                ("keel_workers2", "Keel, 2 HTTP workers (KEEL_WORKERS=2)",
-                 keel(config.model, logs, "keel_workers2", KEEL_WORKERS="2"), config.workers_concurrency),
-                ("peer", "Peer: Starlette + ONNX Runtime, uvicorn, per-request", peer(config.model, logs),
-                 config.concurrency)]
-        plan += [(f"keel_budget_{ms}ms", f"Keel, KEEL_MAX_LATENCY_MS={ms}",
-                  keel(config.model, logs, f"keel_budget_{ms}ms", KEEL_MAX_LATENCY_MS=str(ms)),
-                  config.budget_concurrency) for ms in config.budgets_ms]
+        plan = [("keel", "Keel (adaptive batching, defaults)", keel(model, logs, "keel"), config.concurrency)]
+        if full:
+            plan += [("keel_unbatched", "Keel, batching off (KEEL_MAX_BATCH_SIZE=1)",
+                      keel(model, logs, "keel_unbatched", KEEL_MAX_BATCH_SIZE="1"), config.concurrency),
+                     ("keel_workers2", "Keel, 2 HTTP workers (KEEL_WORKERS=2)",
+                      keel(model, logs, "keel_workers2", KEEL_WORKERS="2"), config.workers_concurrency)]
+        plan += [("peer", "Peer: Starlette + ONNX Runtime, uvicorn, per-request", peer(model, logs),
+                  config.concurrency)]
+        if full:
+            plan += [(f"keel_budget_{ms}ms", f"Keel, KEEL_MAX_LATENCY_MS={ms}",
+                      keel(model, logs, f"keel_budget_{ms}ms", KEEL_MAX_LATENCY_MS=str(ms)),
+                      config.budget_concurrency) for ms in config.budgets_ms]
         for key, label, launcher, levels in plan:
             if not levels:
                 continue
@@ -273,9 +293,7 @@ def run(config: LoadConfig, out: Path) -> dict:
         p = next(r for r in servers["peer"]["levels"] if r["concurrency"] == level)
         summary[f"vs_peer_at_{level}"] = {"throughput_ratio": k["throughput"]["median"] / p["throughput"]["median"],
                                           "p99_ratio": k["p99_ms"]["median"] / p["p99_ms"]["median"]}
-    results = {"config": asdict(config), "pipeline": pipeline, "servers": servers, "summary": summary}
-    plot(results, out / f"{NAME}.png")
-    return results
+    return {"model": info, "pipeline": pipeline, "servers": servers, "summary": summary}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -301,7 +319,8 @@ def plot(results: dict, path: Path) -> None:
     right.set(title="p99 latency (median, min–max bars)", xlabel="concurrent clients", ylabel="ms",
               xscale="log", yscale="log")
     for axis in (left, right):
-        axis.set_xticks(results["config"]["concurrency"], [str(c) for c in results["config"]["concurrency"]])
+        levels = sorted({r["concurrency"] for server in results["servers"].values() for r in server["levels"]})
+        axis.set_xticks(levels, [str(c) for c in levels])
         axis.grid(alpha=0.3)
     left.legend(fontsize=8)
     fig.tight_layout()
@@ -311,7 +330,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def render(results: dict) -> str:
-    config, summary, pipeline = results["config"], results["summary"], results["pipeline"]
+    config = results["config"]
     lines = [
         "### The service under load, and a peer",
         "",
@@ -319,11 +338,30 @@ def render(results: dict) -> str:
         f"{config['image'][1]} photo-like JPEG as multipart; each run stops after {config['run_seconds']:g} s or "
         f"{config['max_requests']} requests; {config['repeats']} runs per level, median (min–max). "
         "Throughput counts good answers only; latency is the client's, request sent to answer read. "
-        "\"batches\" is the mean batch size BentoML's adaptive batcher formed (from `/metrics`).",
+        "\"batches\" is the mean batch size the adaptive batcher formed (Keel's `keel_batch_size` histogram "
+        "in `/metrics`). The load generator runs on the same cores as the server.",
         "",
-        "| server | clients | requests/s | p50 ms | p90 ms | p99 ms | errors | batches |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if results.get("model"):
+        lines += [f"**{model_text(results['model'])}**, the quick-start network: inference is a fraction of a "
+                  "millisecond, so this measures the HTTP path.", ""]
+    lines += scenario_lines(results, "")
+    if results.get("large"):
+        lines += [f"**{model_text(results['large']['model'])}**: a full-size network (one epoch on a few "
+                  "images: speed does not depend on the weights), where inference is the cost, as in most "
+                  "deployments.", ""]
+        lines += scenario_lines(results["large"], "_large")
+    return "\n".join(lines)
+
+
+def model_text(info: dict) -> str:
+    return f"{info['arch']} at {info['crop']} px ({info['mib']} MiB, {info['provider']})"
+
+
+def scenario_lines(results: dict, suffix: str) -> list[str]:
+    summary, pipeline = results["summary"], results["pipeline"]
+    lines = ["| server | clients | requests/s | p50 ms | p90 ms | p99 ms | errors | batches |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key, server in results["servers"].items():
         for r in server["levels"]:
             errors = sum(r["errors"].values())
@@ -346,8 +384,8 @@ def render(results: dict) -> str:
         lines.append("- **Against the peer** (Keel / peer): " + "; ".join(
             f"{c} clients: throughput ×{v['throughput_ratio']:.2f}, p99 ×{v['p99_ratio']:.2f}" for c, v in peers)
             + ". Target at ≥ 16 clients: throughput above 1 and p99 below 1.")
-    lines += ["", f"![throughput and p99 vs concurrency](benchmarks/{NAME}.png)", ""]
-    return "\n".join(lines)
+    lines += ["", f"![throughput and p99 vs concurrency](benchmarks/{NAME}{suffix}.png)", ""]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,11 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=os.environ.get("KEEL_BENCH_MODEL", LoadConfig.model),
                         help="exported .onnx model (default: $KEEL_BENCH_MODEL or %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="results folder")
+    parser.add_argument("--large-model", default=os.environ.get("KEEL_BENCH_LARGE_MODEL", ""),
+                        help="a full-size exported model to measure too (default: $KEEL_BENCH_LARGE_MODEL)")
     parser.add_argument("--quick", action="store_true", help="a few seconds per server, for smoke checks")
     args = parser.parse_args(argv)
     if not Path(args.model).is_file():
         parser.error(f"{args.model}: no such model file (make model, or --model PATH)")
-    config = LoadConfig.quick(args.model) if args.quick else LoadConfig(model=args.model)
+    config = LoadConfig.quick(args.model) if args.quick else LoadConfig(model=args.model, large_model=args.large_model)
     path = write_results(args.out, NAME, {"quick": args.quick, **run(config, args.out)})
     print(f"wrote {path}", file=sys.stderr)
     return 0
