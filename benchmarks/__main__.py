@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 "failed": []}
     env = {**os.environ, "KEEL_BENCH_MODEL": str(model), "KEEL_BENCH_CHECKPOINT": str(checkpoint),
            "KEEL_BENCH_DATA": str(data)}
-    if "service_load" in names and not args.quick:
+    if {"service_load", "batch_job"} & set(names) and not args.quick:
         env["KEEL_BENCH_LARGE_MODEL"] = str(prepare_large())
     started = time.monotonic()
     for index, name in enumerate(names, 1):
