@@ -11,7 +11,7 @@ answered), every run bounded by a request count and a time:
 - the peer, benchmarks/peer_server.py under uvicorn (per-request inference, no batching).
 Every request is a multipart upload of a photo-like 500x375 JPEG, as `curl -F image=@...` sends.
 Per run: throughput of good answers, p50/p90/p99 latency, errors by status; per level, the
-batch sizes BentoML's batcher really formed (its histogram in /metrics, before minus after).
+batch sizes the adaptive batcher really formed (keel_batch_size in /metrics, before minus after).
 The in-process pipeline (benchmarks/limit.py's, on the same JPEGs) is measured first; the
 service's throughput at saturation is reported as a share of it, and its p50 at concurrency 1
 as milliseconds added to it. With `--large-model` (a full-size network, where inference and not
@@ -174,7 +174,7 @@ async def drive(url: str, bodies: list[tuple[bytes, str]], concurrency: int, sec
 
 
 def batch_histogram(url: str) -> dict[str, float]:
-    """BentoML's cumulative histogram of formed batch sizes: {le: count, 'sum': ..., 'count': ...}."""
+    """Keel's cumulative histogram of formed batch sizes (service/engine.py): {le: count, 'sum': ..., 'count': ...}."""
     try:
         with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
             lines = response.read().decode().splitlines()
