@@ -74,6 +74,8 @@ def plot_steps(steps_path: Path, out_path: Path, clip_threshold: float | None) -
     fig, axes = plt.subplots(rows, 1, figsize=(10, 2.6 * rows + 0.6), sharex=True)
     loss = np.array([r["loss"] if r["loss"] is not None else np.nan for r in records], dtype=float)
     axes[0].plot(steps, loss, lw=0.8)
+    for step in [r["step"] for r in records if r["loss"] is None]:
+        axes[0].axvline(step, color="tab:red", ls=":", lw=1)  # non-finite loss
     axes[0].set_ylabel("loss")
     norm = np.array([r["grad_norm"] if r["grad_norm"] is not None else np.nan for r in records], dtype=float)
     axes[1].semilogy(steps, norm, lw=0.8, label="global grad norm (before clipping)")
@@ -90,13 +92,19 @@ def plot_steps(steps_path: Path, out_path: Path, clip_threshold: float | None) -
         with np.errstate(divide="ignore", invalid="ignore"):
             heat = np.log10(grid)
         x = [r["step"] for r in layered]
+        last = x[-1] + (x[-1] - x[-2] if len(x) > 1 else 1)  # each column spans to the next logged step
         image = axes[2].imshow(heat, aspect="auto", cmap="magma", interpolation="nearest",
-                               extent=(x[0], x[-1] if len(x) > 1 else x[0] + 1, len(layers) - 0.5, -0.5))
+                               extent=(x[0], last, len(layers) - 0.5, -0.5))
         if len(layers) <= 40:
             axes[2].set_yticks(range(len(layers)), layers, fontsize=6)
         axes[2].set_ylabel("layer (input at top)")
-        fig.colorbar(image, ax=axes[2], label="log10 grad norm", fraction=0.03)
+        # in an inset, not beside: a colorbar taking room from this panel alone would shift its steps
+        # against the panels above
+        fig.colorbar(image, cax=axes[2].inset_axes([1.01, 0, 0.015, 1]), label="log10 grad norm")
     axes[-1].set_xlabel("step")
+    # imshow sets the shared x range to the heat map's: a diverged run's last steps, logged without
+    # per-layer norms, would fall off the loss and grad-norm panels
+    axes[-1].set_xlim(steps[0], max(steps[-1] + 1, last if layered else 0))
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
