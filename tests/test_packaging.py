@@ -26,7 +26,7 @@ def test_serving_modules_never_import_torch(exported_model):
 
 def test_serving_requirements_exclude_training_packages():
     packages = requirement_names((REPO / "requirements" / "serve.txt").read_text())
-    assert packages == {"bentoml", "onnxruntime-gpu", "pillow", "numpy", "starlette"}
+    assert packages == {"bentoml", "onnxruntime-gpu", "pillow", "numpy", "starlette", "httptools", "uvloop"}
 
 
 def test_bentoml_build_holds_service_and_model(exported_model, tmp_path):
