@@ -71,7 +71,7 @@ class BatchConfig:
     prefetch: int = 4  # chunks decoded ahead of inference, so a slow file never starves ONNX Runtime
     top_k: int = 5  # predictions per image
     device: str = "auto"  # auto | cuda | cpu
-    ort_threads: int = 0  # ONNX Runtime intra-op threads (local engine); 0 = half the usable CPUs, see inference_threads
+    ort_threads: int = 0  # ONNX Runtime intra-op threads (local engine); 0 = every usable CPU, see inference_threads
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images (by their header) become error rows
     jpeg_draft: bool = True  # reduced-size decode of large JPEGs, as the service does (KEEL_JPEG_DRAFT)
     resume: bool = False  # skip inputs already in the output instead of starting it afresh
@@ -172,24 +172,27 @@ def load_group(paths: list[Path], spec: PreprocessSpec, max_pixels: int, draft: 
 
 
 def inference_threads(config: BatchConfig) -> int:
-    """ONNX Runtime's threads for the local engine: `ort_threads`, or by default half the usable CPUs.
+    """ONNX Runtime's threads for the local engine: `ort_threads`, or by default every usable CPU.
 
-    Decoding and inference share the CPUs here (unlike the service, where requests come one by
-    one). Measured on 2 cores (interleaved runs on a busy machine; benchmarks/batch_job.py compares
-    both): one ONNX Runtime thread instead of two made the job 1.4x faster on 500x375 JPEGs and
-    1.8x on the shapes PNGs, since idle ONNX Runtime threads spin and its threading costs more
-    than it gains on small batches. Half, not one, so that a big
-    model on a many-core machine, where inference dominates, still gets a real share.
+    Decoding and inference share the CPUs here, so the session never spin-waits between runs (see
+    run()). Measured on 2 cores, quiet, 500x375 JPEGs, batch 32 (benchmarks/batch_job.py compares
+    them): with a full-size AlexNet-BN at 224 px, where inference is the slower side, two threads
+    ran the job at 142-144 images/s against 87-90 with one; with the 64 px quick-start model, where
+    decoding is, 1,133 against 1,177-1,196. Spinning (ONNX Runtime's default) cost the second
+    thread 22% on the small model.
     """
-    return config.ort_threads or max(1, container_cpus() // 2)
+    return config.ort_threads or container_cpus()
 
 
 def make_executor(kind: str, workers: int) -> Executor:
     if kind == "process":
         import multiprocessing
 
-        # forkserver: a fork of this process would inherit ONNX Runtime's threads mid-flight
-        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+        # forkserver: a fork of this process would inherit ONNX Runtime's threads mid-flight. The
+        # server imports the decoding code once, so each worker forks ready instead of importing it.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["service.batch"])
+        return ProcessPoolExecutor(workers, mp_context=context)
     return ThreadPoolExecutor(workers, thread_name_prefix="keel-decode")
 
 
@@ -324,7 +327,7 @@ def run(config: BatchConfig, stdin: Iterable[str] | None = None, log=None) -> di
         skipped = len(items) - len(todo)
         info = read_model_info(model_path) if config.engine == "ray" else None  # no session on the driver
         classifier = None if config.engine == "ray" else OnnxClassifier(model_path, config.device,
-                                                                        inference_threads(config))
+                                                                        inference_threads(config), spinning=False)
         info = info or classifier.info
         where = f"on {classifier.provider}" if classifier else f"on Ray ({config.ray_address or 'local instance'})"
         log(f"classifying {len(todo)} images from {config.input} with {info.name} {info.version} {where}"
@@ -455,7 +458,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=defaults["top_k"])
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default=defaults["device"])
     p.add_argument("--ort-threads", type=int, default=defaults["ort_threads"],
-                   help="ONNX Runtime threads; 0 = half the CPUs, the other half decodes")
+                   help="ONNX Runtime threads; 0 = one per CPU (shared with decoding)")
     p.add_argument("--max-pixels", type=int, default=defaults["max_pixels"], help="larger images are error rows")
     p.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false",
                    help="always decode JPEGs at full size (the service's KEEL_JPEG_DRAFT=0)")

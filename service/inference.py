@@ -185,7 +185,9 @@ class OnnxClassifier:
     """One ONNX Runtime session for one exported model; load once, call `predict` many times."""
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int = 0, tensorrt: bool = False,
-                 max_batch_size: int = 32):
+                 max_batch_size: int = 32, spinning: bool = True):
+        """`spinning=False` where other threads of the process (decoders) need the CPUs between runs:
+        ONNX Runtime's idle intra-op threads otherwise spin-wait for the next run on those CPUs."""
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelLoadError(f"{self.path}: no such model file")
@@ -194,6 +196,8 @@ class OnnxClassifier:
         self.threads = threads or container_cpus()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only: CUDA-missing warnings are reported by us, once
         providers = select_providers(device, ort.get_available_providers(), gpu_visible(), tensorrt)
         if CUDA in providers:
