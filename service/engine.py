@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bentoml
@@ -58,6 +59,9 @@ class Engine:
         self.sessions: dict[str, OnnxClassifier] = {}
         self.warmup_ms: dict[str, dict[int, float]] = {}
         self.batchers: dict[str, Callable] = {}
+        # ONNX Runtime runs on a thread of its own: in the default pool a batch would queue behind
+        # every upload waiting to be decoded. One thread: the batcher sends one batch at a time.
+        self.inference_thread = ThreadPoolExecutor(1, thread_name_prefix="keel-inference")
         self.ready = False
 
     def start(self, on_error: Callable[[str], None]) -> None:
@@ -91,15 +95,18 @@ class Engine:
 
     def _batcher(self, model: str) -> Callable:
         session = self.sessions[model]
+        def predict(batch: np.ndarray):
+            return asyncio.get_running_loop().run_in_executor(self.inference_thread, session.predict, batch)
+
         if self.max_batch_size == 1:  # KEEL_MAX_BATCH_SIZE=1: batching off, each request on its own
-            return lambda batch: asyncio.to_thread(session.predict, batch)
+            return predict
         dispatcher = CorkDispatcher(self.max_latency_ms, self.max_batch_size, fallback=_shed,
                                     get_batch_size=len, batch_dim=(0, 0))
 
         async def run(requests: Sequence[np.ndarray]) -> list[np.ndarray]:
             sizes = [len(r) for r in requests]
             BATCH_SIZES.labels(model=model).observe(sum(sizes))
-            probabilities = await asyncio.to_thread(session.predict, np.concatenate(requests))
+            probabilities = await predict(np.concatenate(requests))
             return np.split(probabilities, np.cumsum(sizes)[:-1])
 
         return dispatcher(run)
