@@ -59,7 +59,7 @@ from service.config import ServiceConfig
 from service.engine import Engine
 from service.inference import ModelInfo, ModelLoadError, batch_buckets, gpu_visible, read_model_info, resolve_model, top_k
 from service.preprocessing import ImageDecodeError, preprocess_bytes
-from service.uploads import TaskUploadGuard, UploadError, read_upload
+from service.uploads import TaskUploadGuard, UploadError, read_upload, replace_bentoml_timeout
 
 log = logging.getLogger("bentoml.keel")  # BentoML's server logging shows its own hierarchy at INFO
 
@@ -94,8 +94,10 @@ if CONFIG.device == "cuda" and not gpu_visible():
                          "unset KEEL_DEVICE to serve on the CPU")
 BATCHING = CONFIG.max_batch_size > 1  # KEEL_MAX_BATCH_SIZE=1 turns batching off
 WARMUP_SIZES = batch_buckets(CONFIG.max_batch_size)  # the sizes the batcher forms on GPU (all of them padded)
-# BentoML's own per-request timeout (504) is a backstop behind ours, which answers with a clear 503 first.
+# BentoML's per-request timeout (504) is a backstop behind the routes' own, which answer with a clear 503
+# first; uploads.RequestDeadline enforces it, as BentoML's own kept every answered request in memory.
 TRAFFIC_TIMEOUT_S = CONFIG.request_timeout_s + 10
+replace_bentoml_timeout()
 
 
 class EngineUnavailable(RuntimeError):

@@ -39,14 +39,14 @@ from PIL import Image, ImageDraw
 from service.preprocessing import find_images
 from tests.conftest import Server
 
-SOAK_SECONDS = float(os.environ.get("KEEL_SOAK_SECONDS", "120"))
+SOAK_SECONDS = float(os.environ.get("KEEL_SOAK_SECONDS", "60"))
 # RSS of the whole server process tree may grow this much from the soak's second quarter to its last.
-# Measured (2 cores, 6 clients, ~320 requests/s, one worker holding the engine): the tree grows from
-# cold for about a minute as allocator arenas of the decode/inference threads and caches fill, then
-# flattens: 120 s soaks 347 -> 454 -> 467 MiB by quarter (+13 MiB over the last ~19,000 requests);
-# a 30 s soak is still warming (314 -> 329 -> 397), hence the soak's length. The bound catches a leak
-# of 3 KB per request over those ~19,000 requests, with room for the CI machine's noise.
-SOAK_RSS_BOUND_MIB = 48
+# Measured (2 cores, 6 clients, ~590 requests/s): flat from the start, 311 -> 312 -> 313 MiB by quarter
+# over 60 s, 312 -> 313 -> 313 over 120 s (72,000 requests). Before service/uploads.RequestDeadline
+# replaced BentoML's timeout middleware, which kept every answered request alive for 40 s, the same
+# soak grew 347 -> 454 -> 467 MiB and ran at half the rate. 16 MiB over the ~18,000 requests between
+# those quarters catches a leak of 1 KB per request.
+SOAK_RSS_BOUND_MIB = 16
 SMALL_UPLOAD_CAP = 1024 * 1024  # KEEL_MAX_UPLOAD_BYTES of the module's own server
 HYPOTHESIS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                       suppress_health_check=list(HealthCheck))
