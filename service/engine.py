@@ -6,7 +6,8 @@ it learns how long a batch of n takes, waits for more requests only while that k
 `max_latency_ms`, and sheds (503) what cannot make it. Keel runs it in the HTTP worker instead of
 behind a second BentoML service because that service boundary is an HTTP hop with pickled tensors
 per request: on the CPU it cost about 3 ms of the 6 ms p50 at one client and halved throughput at 64
-(docs/benchmarks.md, session 2). The price: each HTTP worker (KEEL_WORKERS) holds its own sessions.
+clients (measured with benchmarks/service_load.py against that two-service layout). The price: each
+HTTP worker (KEEL_WORKERS) holds its own sessions.
 
 Sessions load and warm up on a thread started by `start()`, so the worker answers /livez and a 503
 /readyz meanwhile (and not a hanging socket during a TensorRT build); `ready` turns true after the
@@ -95,6 +96,7 @@ class Engine:
 
     def _batcher(self, model: str) -> Callable:
         session = self.sessions[model]
+
         def predict(batch: np.ndarray):
             return asyncio.get_running_loop().run_in_executor(self.inference_thread, session.predict, batch)
 
