@@ -6,7 +6,8 @@ Starts each server for real on 127.0.0.1 and drives it with a closed-loop load g
 (asyncio + aiohttp: `concurrency` clients, each sending its next request when the last one is
 answered), every run bounded by a request count and a time:
 - Keel as shipped (`bentoml serve`, adaptive batching, KEEL_* defaults);
-- Keel with batching off (KEEL_MAX_BATCH_SIZE=1), and with two HTTP workers (KEEL_WORKERS=2);
+- Keel with batching off (KEEL_MAX_BATCH_SIZE=1), and with two HTTP workers, each with ONNX Runtime
+  threads for half the CPUs (KEEL_WORKERS=2 KEEL_CPU_THREADS=CPUs/2, so they never oversubscribe);
 - Keel with tighter latency budgets (KEEL_MAX_LATENCY_MS), at the higher concurrencies;
 - the peer, benchmarks/peer_server.py under uvicorn (per-request inference, no batching).
 Every request is a multipart upload of a photo-like 500x375 JPEG, as `curl -F image=@...` sends.
@@ -245,7 +246,7 @@ def run(config: LoadConfig, out: Path) -> dict:
 def scenario(model: str, config: LoadConfig, images: list[bytes], bodies, full: bool) -> dict:
     """One model: its in-process pipeline, then Keel as shipped and the peer under the same load;
     `full` adds Keel's variants (batching off, two workers, latency budgets)."""
-    from service.inference import OnnxClassifier
+    from service.inference import OnnxClassifier, container_cpus
 
     classifier = OnnxClassifier(model, device="auto")
     info = {"name": classifier.info.name, "arch": classifier.info.arch, "crop": classifier.info.preprocessing.crop,
@@ -260,14 +261,16 @@ def scenario(model: str, config: LoadConfig, images: list[bytes], bodies, full: 
           file=sys.stderr)
 
     servers = {}
+    half_cpus = max(1, container_cpus() // 2)
     with tempfile.TemporaryDirectory(prefix="keel-bench-") as tmp:
         logs = Path(tmp)
         plan = [("keel", "Keel (adaptive batching, defaults)", keel(model, logs, "keel"), config.concurrency)]
         if full:
             plan += [("keel_unbatched", "Keel, batching off (KEEL_MAX_BATCH_SIZE=1)",
                       keel(model, logs, "keel_unbatched", KEEL_MAX_BATCH_SIZE="1"), config.concurrency),
-                     ("keel_workers2", "Keel, 2 HTTP workers (KEEL_WORKERS=2)",
-                      keel(model, logs, "keel_workers2", KEEL_WORKERS="2"), config.workers_concurrency)]
+                     ("keel_workers2", f"Keel, 2 HTTP workers (KEEL_WORKERS=2 KEEL_CPU_THREADS={half_cpus})",
+                      keel(model, logs, "keel_workers2", KEEL_WORKERS="2", KEEL_CPU_THREADS=str(half_cpus)),
+                      config.workers_concurrency)]
         plan += [("peer", "Peer: Starlette + ONNX Runtime, uvicorn, per-request", peer(model, logs),
                   config.concurrency)]
         if full:
