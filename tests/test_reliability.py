@@ -534,6 +534,7 @@ def test_killed_workers_are_replaced_under_load_and_later_requests_succeed(own_s
     # In flight when the worker died: a dropped connection, or a 503 while its successor warms up; never a 500.
     assert not [s for s in statuses if isinstance(s, int) and s not in (200, 503)], statuses
     assert statuses.count(200) > len(statuses) // 2
+    own_server.wait_ready(timeout=90)  # the successor loads its models first: /readyz says when it is back
     for _ in range(20):  # and afterwards everything works
         answer = send(f"{own_server.url}/classify", data, "image/png")
         assert answer.status == 200, answer
