@@ -113,10 +113,10 @@ class Engine:
 
         return dispatcher(run)
 
-    def describe(self) -> dict:
-        """What each session really runs on, for /metadata."""
-        return {name: {"provider": session.provider, "providers": session.providers,
-                       "cpu_threads": session.threads, "batch_buckets": session.buckets,
-                       "warmup_ms": {str(size): ms for size, ms in self.warmup_ms[name].items()}}
-                for name, session in self.sessions.items()}
+    def describe(self, model: str) -> dict:
+        """What `model`'s session really runs on, for /metadata."""
+        session = self.sessions[model]
+        return {"provider": session.provider, "providers": session.providers, "cpu_threads": session.threads,
+                "batch_buckets": session.buckets,
+                "warmup_ms": {str(size): ms for size, ms in self.warmup_ms[model].items()}}
 

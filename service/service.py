@@ -152,13 +152,10 @@ class Classifier:
         self.engine = Engine(CATALOGUE, CONFIG.device, CONFIG.cpu_threads, CONFIG.tensorrt, CONFIG.max_batch_size,
                              CONFIG.max_latency_ms, WARMUP_SIZES, CONFIG.warmup_delay_s)
         self.engine.start(on_error=stop_server)
-        self.runtime: dict | None = None  # the engine's describe(), once every model is warm
 
     async def __is_ready__(self) -> bool:
         """Ready once the engine has loaded and warmed every model; BentoML's /readyz answers 503 until then."""
-        if self.runtime is None and self.engine.ready:
-            self.runtime = self.engine.describe()
-        return self.runtime is not None
+        return self.engine.ready
 
     async def infer(self, model: str, batch: np.ndarray) -> np.ndarray:
         """N x 3 x S x S float32 -> N x classes probabilities, through `model`'s adaptive batcher."""
@@ -253,7 +250,7 @@ class Classifier:
             names = [self.model_or_404(selected).name] if selected else list(self.models)
         except RequestError as exc:
             return error(str(exc), exc.status)
-        if self.runtime is None and not await self.__is_ready__():
+        if not self.engine.ready:
             return error("inference engine is still starting; retry later", 503)
         models = {name: self.describe(name) for name in names}
         default = models.get(self.default_model) or next(iter(models.values()))
@@ -263,7 +260,7 @@ class Classifier:
                                          "tensorrt": CONFIG.tensorrt}})
 
     def describe(self, name: str) -> dict:
-        runtime = self.runtime[name]
+        runtime = self.engine.describe(name)
         return {
             **self.models[name].to_dict(),
             "provider": runtime["provider"], "providers": runtime["providers"],

@@ -72,6 +72,7 @@ async def parse_form(headers, chunks: AsyncIterator[bytes], max_files: int, too_
     except Exception as exc:  # python-multipart and Starlette raise several kinds
         raise UploadError(f"malformed multipart body: {exc}") from None
 
+
 @dataclass
 class Upload:
     """What a request carried: its image files in body order, and its plain form fields."""
@@ -228,6 +229,6 @@ class RequestDeadline:
 def replace_bentoml_timeout() -> None:
     """Make BentoML build RequestDeadline where it would build its TimeoutMiddleware (it imports the
     name from this module each time it assembles a service's middleware)."""
-    from bentoml._internal.server.http import traffic  # pinned bentoml==1.4.39; tests/test_uploads
+    from bentoml._internal.server.http import traffic  # pinned bentoml==1.4.39; tests/test_request_deadline
 
     traffic.TimeoutMiddleware = RequestDeadline

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import inspect
 import json
 import logging
 import math
@@ -361,11 +360,7 @@ def find_model(request: Request) -> ModelInfo:
 
 async def service_ready(service) -> bool:
     """What BentoML's /readyz answers: the service's own __is_ready__ (every model loaded and warm)."""
-    probe = getattr(service, "__is_ready__", None)
-    if probe is None:
-        return True
-    ready = probe()
-    return bool(await ready if inspect.isawaitable(ready) else ready)
+    return await service.__is_ready__()
 
 
 def routes(config: ServiceConfig) -> list[Route]:
