@@ -114,7 +114,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: in
                 image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
             image.seek(0)
             image.load()
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # a copy of the whole image otherwise, even when upright
             return to_rgb(image)
     except Exception as exc:
         raise ImageDecodeError(f"corrupt or truncated {image.format or ''} image: {exc}".replace("  ", " ")) from None
