@@ -96,3 +96,17 @@ def parse(raw: str, kind: str) -> int | float | bool | str:
             raise ValueError(raw)
         return raw.strip().lower() in _TRUE
     return raw
+
+
+def bentoml_tracing() -> dict:
+    """The `tracing` service config Keel hands BentoML: unchanged when an exporter is configured
+    (`tracing.exporter_type` in BentoML's configuration), otherwise every URL excluded.
+
+    BentoML 1.4.39 wraps each request in OpenTelemetry spans (a server span plus one per ASGI
+    message) even with no exporter, when its default sample rate of 0 drops them all. Making
+    them cost a fifth of the quick-start model's throughput (docs/benchmarks.md). Excluded, access
+    log lines carry no trace/span ids; configure an exporter and every request is traced again.
+    """
+    from bentoml._internal.configuration.containers import BentoMLContainer  # pinned bentoml==1.4.39
+
+    return {} if BentoMLContainer.tracing.exporter_type.get() else {"excluded_urls": "."}

@@ -55,7 +55,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from service import jobs, v2
-from service.config import ServiceConfig
+from service.config import ServiceConfig, bentoml_tracing
 from service.engine import Engine
 from service.inference import ModelInfo, ModelLoadError, batch_buckets, gpu_visible, read_model_info, resolve_model, top_k
 from service.preprocessing import ImageDecodeError, preprocess_bytes
@@ -142,7 +142,8 @@ class RequestError(Exception):
 
 @bentoml.asgi_app(http)
 @bentoml.service(name="keel", workers=CONFIG.workers,
-                 traffic={"timeout": TRAFFIC_TIMEOUT_S, "max_concurrency": CONFIG.max_concurrency})
+                 traffic={"timeout": TRAFFIC_TIMEOUT_S, "max_concurrency": CONFIG.max_concurrency},
+                 tracing=bentoml_tracing())  # spans only when a tracing exporter is configured
 class Classifier:
     def __init__(self) -> None:
         # Labels and preprocessing come from the model files themselves (read at import).

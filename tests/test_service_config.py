@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from service.config import ServiceConfig
+from tests.conftest import run_python
 from service.inference import (
     CPU, CUDA, TENSORRT, ModelLoadError, OnnxClassifier, batch_buckets, cgroup_cpu_quota, container_cpus,
     provider_options, select_providers,
@@ -100,3 +101,15 @@ def test_models_list_replaces_the_single_model():
     assert ServiceConfig(model="a.onnx").model_refs() == [(None, "a.onnx")]
     assert ServiceConfig(model="a.onnx", models="x=b.onnx, y=keel-classifier:latest").model_refs() == [
         ("x", "b.onnx"), ("y", "keel-classifier:latest")]
+
+
+@pytest.mark.parametrize("options, expected", [
+    ("", {"excluded_urls": "."}),  # no exporter: BentoML's spans would all be dropped, so none are made
+    ("tracing.exporter_type=in_memory", {}),  # an exporter: BentoML traces every request, as it would
+])
+def test_requests_are_traced_only_when_an_exporter_is_configured(options, expected):
+    # BentoML reads its configuration once, at import: a fresh interpreter per case
+    probe = "from service.config import bentoml_tracing; print(repr(bentoml_tracing()))"
+    result = run_python("-c", probe, env={"BENTOML_CONFIG_OPTIONS": options}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == repr(expected)
