@@ -35,7 +35,8 @@ class ServiceConfig:
     max_latency_ms: int = 10000  # adaptive batching: queueing budget before a request is shed with 503
     request_timeout_s: float = 30.0  # per request, decode to answer; past it the client gets 503
     max_concurrency: int = 256  # requests in progress across workers; more get 429 at once
-    workers: int = 1  # HTTP worker processes (decode + preprocess run there)
+    workers: int = 0  # HTTP worker processes (decode + preprocess run there); 0 = chosen at start-up:
+    #                   one per CPU for a model cheaper than CHEAP_INFERENCE_MS per image on the CPU, else one
     warmup_delay_s: float = 0.0  # testing only: hold readiness this much longer after warm-up
 
     def __post_init__(self):
@@ -43,10 +44,10 @@ class ServiceConfig:
             raise ValueError(f"KEEL_DEVICE must be one of {', '.join(DEVICES)}, not {self.device!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type in ("int", "float") and f.name not in ("cpu_threads", "warmup_delay_s") and value <= 0:
+            if f.type in ("int", "float") and f.name not in ("cpu_threads", "workers", "warmup_delay_s") and value <= 0:
                 raise ValueError(f"KEEL_{f.name.upper()} must be positive, not {value}")
-        if self.cpu_threads < 0 or self.warmup_delay_s < 0:
-            raise ValueError("KEEL_CPU_THREADS and KEEL_WARMUP_DELAY_S must not be negative")
+        if self.cpu_threads < 0 or self.workers < 0 or self.warmup_delay_s < 0:
+            raise ValueError("KEEL_CPU_THREADS, KEEL_WORKERS and KEEL_WARMUP_DELAY_S must not be negative")
         self.model_refs()  # KEEL_MODELS is checked here; KEEL_DEFAULT_MODEL once the models' names are known
 
     def model_refs(self) -> list[tuple[str | None, str]]:

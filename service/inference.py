@@ -244,6 +244,33 @@ class OnnxClassifier:
         return timings
 
 
+# Below this many ms of one CPU thread per image, a worker's cost is its request path (HTTP,
+# multipart, decoding: ~1.8 ms per 500x375 JPEG upload), not inference, and one Python process
+# cannot use the CPUs it has: the 64 px quick-start model (0.15 ms) served 34% more with one
+# worker per CPU on 2 cores, the 224 px AlexNet (9.2 ms) 30% less (docs/benchmarks.md).
+CHEAP_INFERENCE_MS = 1.0
+
+
+def cpu_cost_ms(path: str | Path, batch: int = 8) -> float:
+    """Milliseconds of one CPU thread per image, at `batch` images per run (best of 3 after a warm-up)."""
+    classifier = OnnxClassifier(path, device="cpu", threads=1, spinning=False)
+    crop = classifier.info.preprocessing.crop
+    inputs = np.zeros((batch, 3, crop, crop), np.float32)
+    classifier.predict(inputs)
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        classifier.predict(inputs)
+        best = min(best, time.perf_counter() - started)
+    return best / batch * 1000
+
+
+def auto_workers(costs_ms: list[float], cpus: int) -> int:
+    """HTTP workers for models costing `costs_ms` per image on the CPU: one per CPU when every
+    one is cheap (each worker then runs ONNX Runtime on one thread), else one worker with them all."""
+    return cpus if costs_ms and max(costs_ms) < CHEAP_INFERENCE_MS else 1
+
+
 def preload_cuda_libraries() -> None:
     """Load CUDA/cuDNN from the nvidia-* wheels when they are installed (onnxruntime-gpu[cuda,cudnn]),
     so the image needs no CUDA base; a no-op on machines without them."""

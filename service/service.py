@@ -49,6 +49,7 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
+import onnxruntime as ort
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -57,7 +58,10 @@ from starlette.routing import Route
 from service import jobs, v2
 from service.config import ServiceConfig, bentoml_tracing
 from service.engine import Engine
-from service.inference import ModelInfo, ModelLoadError, batch_buckets, gpu_visible, read_model_info, resolve_model, top_k
+from service.inference import (
+    CHEAP_INFERENCE_MS, CUDA, TENSORRT, ModelInfo, ModelLoadError, auto_workers, batch_buckets, container_cpus, cpu_cost_ms,
+    gpu_visible, read_model_info, resolve_model, select_providers, top_k,
+)
 from service.preprocessing import ImageDecodeError, preprocess_bytes
 from service.uploads import TaskUploadGuard, UploadError, read_upload, replace_bentoml_timeout
 
@@ -84,6 +88,27 @@ def load_catalogue(config: ServiceConfig) -> tuple[dict[str, tuple[Path, ModelIn
     return catalogue, default
 
 
+def choose_workers(config: ServiceConfig, catalogue: dict[str, tuple[Path, ModelInfo]]) -> tuple[int, int]:
+    """(HTTP workers, ONNX Runtime threads per CPU session): KEEL_WORKERS and KEEL_CPU_THREADS as set, or
+    with KEEL_WORKERS=0 (the default) chosen from what the models cost on this machine's CPU, measured
+    once in `bentoml serve`'s own process. The workers inherit the choice through their environment."""
+    if config.workers:
+        return config.workers, config.cpu_threads
+    providers = select_providers(config.device, ort.get_available_providers(), gpu_visible(), config.tensorrt)
+    if CUDA in providers or TENSORRT in providers:  # one process owns the GPU and batches for it
+        workers, costs = 1, "not measured (GPU)"
+    else:
+        cost = {name: cpu_cost_ms(path) for name, (path, _) in catalogue.items()}
+        workers = auto_workers(list(cost.values()), container_cpus())
+        costs = ", ".join(f"{name} {ms:.2f} ms" for name, ms in cost.items())
+    threads = config.cpu_threads or (max(1, container_cpus() // workers) if workers > 1 else 0)
+    log.info("keel: %d HTTP worker(s) with %d ONNX Runtime thread(s) each; inference per image on one CPU thread: "
+             "%s (one worker per CPU below %g ms; KEEL_WORKERS overrides)", workers, threads or container_cpus(), costs,
+             CHEAP_INFERENCE_MS)
+    os.environ.update(KEEL_WORKERS=str(workers), KEEL_CPU_THREADS=str(threads))
+    return workers, threads
+
+
 CONFIG = ServiceConfig.from_env()
 JOBS = jobs.JobsConfig.from_env()  # KEEL_BATCH_ROOT, KEEL_JOB_MAX_IMAGES: the `batch` task, service/jobs.py
 CATALOGUE, DEFAULT_MODEL = load_catalogue(CONFIG)
@@ -92,6 +117,7 @@ CATALOGUE, DEFAULT_MODEL = load_catalogue(CONFIG)
 if CONFIG.device == "cuda" and not gpu_visible():
     raise ModelLoadError("KEEL_DEVICE=cuda requires the GPU, and this host shows none (no /dev/nvidia*); "
                          "unset KEEL_DEVICE to serve on the CPU")
+WORKERS, CPU_THREADS = choose_workers(CONFIG, CATALOGUE)
 BATCHING = CONFIG.max_batch_size > 1  # KEEL_MAX_BATCH_SIZE=1 turns batching off
 WARMUP_SIZES = batch_buckets(CONFIG.max_batch_size)  # the sizes the batcher forms on GPU (all of them padded)
 # BentoML's per-request timeout (504) is a backstop behind the routes' own, which answer with a clear 503
@@ -141,7 +167,7 @@ class RequestError(Exception):
 
 
 @bentoml.asgi_app(http)
-@bentoml.service(name="keel", workers=CONFIG.workers,
+@bentoml.service(name="keel", workers=WORKERS,
                  traffic={"timeout": TRAFFIC_TIMEOUT_S, "max_concurrency": CONFIG.max_concurrency},
                  tracing=bentoml_tracing())  # spans only when a tracing exporter is configured
 class Classifier:
@@ -150,7 +176,7 @@ class Classifier:
         self.models: dict[str, ModelInfo] = {name: info for name, (_, info) in CATALOGUE.items()}
         self.default_model = DEFAULT_MODEL
         self.info = self.models[DEFAULT_MODEL]  # the single-model interface, kept for existing callers
-        self.engine = Engine(CATALOGUE, CONFIG.device, CONFIG.cpu_threads, CONFIG.tensorrt, CONFIG.max_batch_size,
+        self.engine = Engine(CATALOGUE, CONFIG.device, CPU_THREADS, CONFIG.tensorrt, CONFIG.max_batch_size,
                              CONFIG.max_latency_ms, WARMUP_SIZES, CONFIG.warmup_delay_s)
         self.engine.start(on_error=stop_server)
 
@@ -256,7 +282,7 @@ class Classifier:
         models = {name: self.describe(name) for name in names}
         default = models.get(self.default_model) or next(iter(models.values()))
         return JSONResponse({**default, "default_model": self.default_model, "models": models,
-                             "service": {"workers": CONFIG.workers, "request_timeout_s": CONFIG.request_timeout_s,
+                             "service": {"workers": WORKERS, "request_timeout_s": CONFIG.request_timeout_s,
                                          "max_concurrency": CONFIG.max_concurrency, "device": CONFIG.device,
                                          "tensorrt": CONFIG.tensorrt}})
 

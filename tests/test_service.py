@@ -144,6 +144,18 @@ def test_metadata_describes_model_and_provider(server):
     assert meta["batching"]["max_batch_size"] >= 1
 
 
+def test_a_cheap_model_gets_one_worker_per_cpu_each_with_one_thread(server, exported_model):
+    """KEEL_WORKERS unset: `bentoml serve` times the model and chooses; the workers run what it chose."""
+    from service.inference import CHEAP_INFERENCE_MS, container_cpus, cpu_cost_ms
+
+    assert cpu_cost_ms(exported_model) < CHEAP_INFERENCE_MS  # the 64 px test model: a fraction of a ms
+    with urllib.request.urlopen(f"{server.url}/metadata", timeout=10) as response:
+        meta = json.loads(response.read())
+    assert meta["service"]["workers"] == container_cpus()
+    assert meta["cpu_threads"] == (1 if container_cpus() > 1 else container_cpus())
+    assert "HTTP worker(s) with" in server.log_path.read_text()  # the choice and its reason are logged
+
+
 def test_missing_model_fails_at_start_with_a_clear_message(tmp_path):
     missing = tmp_path / "nope.onnx"
     server = Server({"KEEL_MODEL": str(missing), "BENTOML_HOME": str(tmp_path)}, tmp_path / "server.log")

@@ -113,3 +113,22 @@ def test_requests_are_traced_only_when_an_exporter_is_configured(options, expect
     result = run_python("-c", probe, env={"BENTOML_CONFIG_OPTIONS": options}, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == repr(expected)
+
+
+@pytest.mark.parametrize("costs, cpus, expected", [
+    ([0.15], 2, 2),  # the 64 px quick-start model: HTTP and decoding are the cost, one worker per CPU
+    ([0.15], 16, 16),
+    ([9.2], 16, 1),  # the 224 px AlexNet: inference is, one worker batches for every CPU
+    ([0.15, 9.2], 4, 1),  # several models: the most expensive decides
+    ([], 4, 1),
+])
+def test_worker_count_follows_what_inference_costs(costs, cpus, expected):
+    from service.inference import auto_workers
+
+    assert auto_workers(costs, cpus) == expected
+
+
+def test_workers_must_not_be_negative():
+    assert ServiceConfig.from_env({}).workers == 0  # chosen at start-up
+    with pytest.raises(ValueError, match="KEEL_WORKERS"):
+        ServiceConfig.from_env({"KEEL_WORKERS": "-1"})
