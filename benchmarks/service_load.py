@@ -6,8 +6,9 @@ Starts each server for real on 127.0.0.1 and drives it with a closed-loop load g
 (asyncio + aiohttp: `concurrency` clients, each sending its next request when the last one is
 answered), every run bounded by a request count and a time:
 - Keel as shipped (`bentoml serve`, adaptive batching, KEEL_* defaults);
-- Keel with batching off (KEEL_MAX_BATCH_SIZE=1), and with two HTTP workers, each with ONNX Runtime
-  threads for half the CPUs (KEEL_WORKERS=2 KEEL_CPU_THREADS=CPUs/2, so they never oversubscribe);
+- Keel with batching off (KEEL_MAX_BATCH_SIZE=1);
+- Keel with the worker count its defaults did not choose (one worker, or one per CPU with one ONNX
+  Runtime thread each), to show what the start-up choice (service/service.py) is worth;
 - Keel with tighter latency budgets (KEEL_MAX_LATENCY_MS), at the higher concurrencies;
 - the peer, benchmarks/peer_server.py under uvicorn (per-request inference, no batching).
 Every request is a multipart upload of a photo-like 500x375 JPEG, as `curl -F image=@...` sends.
@@ -16,8 +17,9 @@ batch sizes the adaptive batcher really formed (keel_batch_size in /metrics, bef
 The in-process pipeline (benchmarks/limit.py's, on the same JPEGs) is measured first; the
 service's throughput at saturation is reported as a share of it, and its p50 at concurrency 1
 as milliseconds added to it. With `--large-model` (a full-size network, where inference and not
-HTTP is the cost) Keel as shipped and the peer are measured again on it. The load generator shares the machine's cores with the server,
-as any loopback benchmark does: the numbers are for the whole machine, client included.
+HTTP is the cost) Keel as shipped, its other worker count and the peer are measured again on it.
+The load generator shares the machine's cores with the server, as any loopback benchmark does:
+the numbers are for the whole machine, client included (whose CPU per request is reported).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -57,7 +60,7 @@ class LoadConfig:
     warmup_requests: int = 64  # per level, untimed
     budgets_ms: tuple[int, ...] = (10, 50)  # KEEL_MAX_LATENCY_MS values tried beside the default
     budget_concurrency: tuple[int, ...] = (16, 64)
-    workers_concurrency: tuple[int, ...] = (1, 4, 16, 64)  # levels for KEEL_WORKERS=2
+    workers_concurrency: tuple[int, ...] = (1, 16, 64)  # levels for the worker count the defaults did not pick
     image: tuple[int, int] = (500, 375)  # JPEG size uploaded
     large_model: str = ""  # a second, full-size model: Keel as shipped and the peer again ("" = skip)
 
@@ -144,6 +147,7 @@ async def drive(url: str, bodies: list[tuple[bytes, str]], concurrency: int, sec
     latencies: list[float] = []
     statuses: Counter = Counter()
     sent = 0
+    cpu_before = process_cpu_seconds()
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
         started = time.perf_counter()
@@ -167,11 +171,41 @@ async def drive(url: str, bodies: list[tuple[bytes, str]], concurrency: int, sec
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
+    client_cpu = process_cpu_seconds() - cpu_before
     ms = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
     return {"requests": sent, "ok": len(latencies), "seconds": elapsed, "throughput": len(latencies) / elapsed,
             "p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
             "p99": float(np.percentile(ms, 99)),
-            "errors": {str(k): v for k, v in statuses.items() if k != 200}}
+            "errors": {str(k): v for k, v in statuses.items() if k != 200}, "client_cpu_s": client_cpu}
+
+
+def process_cpu_seconds() -> float:
+    """CPU time of this process, all its threads (the load generator's cost)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a server: its process and every process under it (BentoML's workers)."""
+    import psutil
+
+    total = 0.0
+    root = psutil.Process(pid)
+    for process in (root, *root.children(recursive=True)):
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:  # gone meanwhile
+            pass
+    return total
+
+
+def served_workers(url: str) -> int:
+    """The HTTP workers a running Keel chose (its /metadata)."""
+    import json
+
+    with urllib.request.urlopen(url + "/metadata", timeout=10) as response:
+        return json.loads(response.read())["service"]["workers"]
 
 
 def batch_histogram(url: str) -> dict[str, float]:
@@ -215,8 +249,11 @@ def measure(server: Launched, bodies, config: LoadConfig, levels: tuple[int, ...
     for concurrency in levels:
         asyncio.run(drive(url, bodies, concurrency, 30, config.warmup_requests))
         before = batch_histogram(server.url)
+        server_cpu = tree_cpu_seconds(server.process.pid)
         runs = [asyncio.run(drive(url, bodies, concurrency, config.run_seconds, config.max_requests))
                 for _ in range(config.repeats)]
+        server_cpu = tree_cpu_seconds(server.process.pid) - server_cpu
+        answered = max(1, sum(r["ok"] for r in runs))
         errors: Counter = Counter()
         for run in runs:
             errors.update(run["errors"])
@@ -224,7 +261,10 @@ def measure(server: Launched, bodies, config: LoadConfig, levels: tuple[int, ...
                "throughput": spread([r["throughput"] for r in runs]),
                **{f"{p}_ms": spread([r[p] for r in runs if not np.isnan(r[p])] or [float("nan")])
                   for p in ("p50", "p90", "p99")},
-               "batches": batches_between(before, batch_histogram(server.url))}
+               "batches": batches_between(before, batch_histogram(server.url)),
+               # CPU per good answer, over all runs of the level: where the machine's time went
+               "server_cpu_ms": server_cpu / answered * 1000,
+               "client_cpu_ms": sum(r["client_cpu_s"] for r in runs) / answered * 1000}
         rows.append(row)
         batch = f", mean batch {row['batches']['mean_size']:.1f}" if row["batches"] else ""
         print(f"  {server.name} c={concurrency:3d}: {fmt(row['throughput'])} req/s, p50 {fmt(row['p50_ms'])} ms, "
@@ -245,32 +285,41 @@ def run(config: LoadConfig, out: Path) -> dict:
 
 def scenario(model: str, config: LoadConfig, images: list[bytes], bodies, full: bool) -> dict:
     """One model: its in-process pipeline, then Keel as shipped and the peer under the same load;
-    `full` adds Keel's variants (batching off, two workers, latency budgets)."""
-    from service.inference import OnnxClassifier, container_cpus
+    `full` adds Keel's variants (batching off, latency budgets); both get the other worker count."""
+    from service.inference import container_cpus, read_model_info
 
-    classifier = OnnxClassifier(model, device="auto")
-    info = {"name": classifier.info.name, "arch": classifier.info.arch, "crop": classifier.info.preprocessing.crop,
-            "mib": round(Path(model).stat().st_size / 2**20, 1), "provider": classifier.provider}
-    print(f"service_load: {info['name']} ({info['arch']}, {info['crop']} px): in-process pipeline on "
-          f"{config.image[0]}x{config.image[1]} JPEGs", file=sys.stderr)
-    pipeline = bench_pipeline(classifier, images,
+    model_info = read_model_info(model)
+    print(f"service_load: {model_info.name} ({model_info.arch}, {model_info.preprocessing.crop} px): in-process "
+          f"pipeline on {config.image[0]}x{config.image[1]} JPEGs", file=sys.stderr)
+    pipeline = bench_pipeline(model, images,
                               LimitConfig(repeats=config.repeats, run_seconds=min(config.run_seconds, 2.0),
                                           pipeline_images=128 if config.repeats < 3 or not full else 512))
-    del classifier
+    info = {"name": model_info.name, "arch": model_info.arch, "crop": model_info.preprocessing.crop,
+            "mib": round(Path(model).stat().st_size / 2**20, 1), "provider": pipeline["provider"]}
     print(f"  pipeline: {fmt(pipeline['images_per_s'])} images/s, one image {fmt(pipeline['single_image_ms'], 2)} ms",
           file=sys.stderr)
 
     servers = {}
-    half_cpus = max(1, container_cpus() // 2)
     with tempfile.TemporaryDirectory(prefix="keel-bench-") as tmp:
         logs = Path(tmp)
-        plan = [("keel", "Keel (adaptive batching, defaults)", keel(model, logs, "keel"), config.concurrency)]
+        with keel(model, logs, "keel") as server:
+            workers = served_workers(server.url)
+            servers["keel"] = {"label": f"Keel (defaults: {workers} HTTP worker{'s' if workers > 1 else ''}, chosen at "
+                                        "start-up)", "workers": workers,
+                               "levels": measure(server, bodies, config, config.concurrency)}
+        # the worker count the defaults did not choose, to show what the choice is worth
+        cpus = container_cpus()
+        other = (("keel_workers_other", "Keel, 1 HTTP worker (KEEL_WORKERS=1)",
+                  keel(model, logs, "keel_workers_other", KEEL_WORKERS="1"))
+                 if workers > 1 else
+                 ("keel_workers_other", f"Keel, one HTTP worker per CPU (KEEL_WORKERS={cpus} KEEL_CPU_THREADS=1)",
+                  keel(model, logs, "keel_workers_other", KEEL_WORKERS=str(cpus), KEEL_CPU_THREADS="1")))
+        plan = []
         if full:
             plan += [("keel_unbatched", "Keel, batching off (KEEL_MAX_BATCH_SIZE=1)",
-                      keel(model, logs, "keel_unbatched", KEEL_MAX_BATCH_SIZE="1"), config.concurrency),
-                     ("keel_workers2", f"Keel, 2 HTTP workers (KEEL_WORKERS=2 KEEL_CPU_THREADS={half_cpus})",
-                      keel(model, logs, "keel_workers2", KEEL_WORKERS="2", KEEL_CPU_THREADS=str(half_cpus)),
-                      config.workers_concurrency)]
+                      keel(model, logs, "keel_unbatched", KEEL_MAX_BATCH_SIZE="1"), config.concurrency)]
+        if cpus > 1:
+            plan += [(*other, config.workers_concurrency)]
         plan += [("peer", "Peer: Starlette + ONNX Runtime, uvicorn, per-request", peer(model, logs),
                   config.concurrency)]
         if full:
@@ -306,7 +355,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, style in (("keel", "o-"), ("keel_unbatched", "s--"), ("keel_workers2", "d-."), ("peer", "^-")):
+    for key, style in (("keel", "o-"), ("keel_unbatched", "s--"), ("keel_workers_other", "d-."), ("peer", "^-")):
         if key not in results["servers"]:
             continue
         rows = results["servers"][key]["levels"]
@@ -342,7 +391,8 @@ def render(results: dict) -> str:
         f"{config['max_requests']} requests; {config['repeats']} runs per level, median (min–max). "
         "Throughput counts good answers only; latency is the client's, request sent to answer read. "
         "\"batches\" is the mean batch size the adaptive batcher formed (Keel's `keel_batch_size` histogram "
-        "in `/metrics`). The load generator runs on the same cores as the server.",
+        "in `/metrics`). The load generator runs on the same cores as the server; \"CPU ms/request\" is the "
+        "server's processes' CPU time per good answer, plus the load generator's.",
         "",
     ]
     if results.get("model"):
@@ -363,20 +413,26 @@ def model_text(info: dict) -> str:
 
 def scenario_lines(results: dict, suffix: str) -> list[str]:
     summary, pipeline = results["summary"], results["pipeline"]
-    lines = ["| server | clients | requests/s | p50 ms | p90 ms | p99 ms | errors | batches |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| server | clients | requests/s | p50 ms | p90 ms | p99 ms | errors | batches | CPU ms/request |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, server in results["servers"].items():
         for r in server["levels"]:
             errors = sum(r["errors"].values())
             error_text = f"{errors} ({', '.join(f'{k}: {v}' for k, v in r['errors'].items())})" if errors else "0"
             batch = f"{r['batches']['mean_size']:.1f}" if r.get("batches") else "—"
             lines.append(f"| {server['label']} | {r['concurrency']} | {fmt(r['throughput'], 0)} | {fmt(r['p50_ms'])} "
-                         f"| {fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} | {error_text} | {batch} |")
+                         f"| {fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} | {error_text} | {batch} | {cpu_text(r)} |")
     ratio = summary["saturation_ratio"]
+    best = next(r for r in results["servers"]["keel"]["levels"] if r["concurrency"] == summary["saturation_concurrency"])
     lines += ["", f"- **Against the limit**: the in-process pipeline (preprocess + inference, same JPEGs) does "
               f"{fmt(pipeline['images_per_s'], 0)} images/s; Keel peaks at {ratio:.0%} of it "
               f"(at {summary['saturation_concurrency']} clients; target ≥ 80%: "
               f"{'met' if ratio >= 0.8 else 'not met'})."]
+    if pipeline.get("cpu_ms_per_image") and best.get("server_cpu_ms"):
+        lines.append(f"- **Where the CPU goes**: the pipeline spends {pipeline['cpu_ms_per_image']['median']:.2f} ms "
+                     f"of CPU per image; Keel at {best['concurrency']} clients {best['server_cpu_ms']:.2f} ms per "
+                     f"request (the rest is the HTTP path), and the load generator "
+                     f"{best['client_cpu_ms']:.2f} ms of the same cores.")
     if summary.get("added_p50_ms_at_1") is not None:
         added = summary["added_p50_ms_at_1"]
         lines.append(f"- **Added latency**: at 1 client Keel's p50 is {added:.1f} ms above the in-process "
@@ -389,6 +445,13 @@ def scenario_lines(results: dict, suffix: str) -> list[str]:
             + ". Target at ≥ 16 clients: throughput above 1 and p99 below 1.")
     lines += ["", f"![throughput and p99 vs concurrency](benchmarks/{NAME}{suffix}.png)", ""]
     return lines
+
+
+def cpu_text(row: dict) -> str:
+    """Server + client CPU per answered request ("—" for results from before it was measured)."""
+    if row.get("server_cpu_ms") is None:
+        return "—"
+    return f"{row['server_cpu_ms']:.2f} + {row['client_cpu_ms']:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
