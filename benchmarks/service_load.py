@@ -61,13 +61,15 @@ class LoadConfig:
     budgets_ms: tuple[int, ...] = (10, 50)  # KEEL_MAX_LATENCY_MS values tried beside the default
     budget_concurrency: tuple[int, ...] = (16, 64)
     workers_concurrency: tuple[int, ...] = (1, 16, 64)  # levels for the worker count the defaults did not pick
+    floor_concurrency: tuple[int, ...] = (64,)  # levels for the HTTP floor (the peer's /upload_only)
     image: tuple[int, int] = (500, 375)  # JPEG size uploaded
     large_model: str = ""  # a second, full-size model: Keel as shipped and the peer again ("" = skip)
 
     @classmethod
     def quick(cls, model: str) -> LoadConfig:
         return cls(model=model, concurrency=(1, 16), repeats=2, run_seconds=0.3, max_requests=100,
-                   warmup_requests=4, budgets_ms=(), budget_concurrency=(), workers_concurrency=(), large_model="")
+                   warmup_requests=4, budgets_ms=(), budget_concurrency=(), workers_concurrency=(), floor_concurrency=(),
+                   large_model="")
 
 
 def free_port() -> int:
@@ -243,8 +245,8 @@ def batches_between(before: dict, after: dict) -> dict | None:
     return {"batches": int(delta["count"]), "mean_size": delta["sum"] / delta["count"], "per_bucket": per_bucket}
 
 
-def measure(server: Launched, bodies, config: LoadConfig, levels: tuple[int, ...]) -> list[dict]:
-    url = server.url + "/classify"
+def measure(server: Launched, bodies, config: LoadConfig, levels: tuple[int, ...], path: str = "/classify") -> list[dict]:
+    url = server.url + path
     rows = []
     for concurrency in levels:
         asyncio.run(drive(url, bodies, concurrency, 30, config.warmup_requests))
@@ -326,11 +328,14 @@ def scenario(model: str, config: LoadConfig, images: list[bytes], bodies, full: 
             plan += [(f"keel_budget_{ms}ms", f"Keel, KEEL_MAX_LATENCY_MS={ms}",
                       keel(model, logs, f"keel_budget_{ms}ms", KEEL_MAX_LATENCY_MS=str(ms)),
                       config.budget_concurrency) for ms in config.budgets_ms]
-        for key, label, launcher, levels in plan:
+        if full:
+            plan += [("floor", "HTTP floor: the peer reading the upload and answering without decoding or inference",
+                      peer(model, logs), config.floor_concurrency, "/upload_only")]
+        for key, label, launcher, levels, *path in plan:
             if not levels:
                 continue
             with launcher as server:
-                servers[key] = {"label": label, "levels": measure(server, bodies, config, levels)}
+                servers[key] = {"label": label, "levels": measure(server, bodies, config, levels, *path)}
 
     keel_rows = servers["keel"]["levels"]
     best = max(keel_rows, key=lambda r: r["throughput"]["median"])
@@ -340,6 +345,10 @@ def scenario(model: str, config: LoadConfig, images: list[bytes], bodies, full: 
         "saturation_ratio": best["throughput"]["median"] / pipeline["images_per_s"]["median"],
         "added_p50_ms_at_1": (c1["p50_ms"]["median"] - pipeline["single_image_ms"]["median"]) if c1 else None,
     }
+    if "floor" in servers:  # both costs on the same cores: the most a server could do, per request
+        floor = max(r["throughput"]["median"] for r in servers["floor"]["levels"])
+        summary["floor_bound"] = 1 / (1 / pipeline["images_per_s"]["median"] + 1 / floor)
+        summary["floor_bound_ratio"] = best["throughput"]["median"] / summary["floor_bound"]
     for level in (r["concurrency"] for r in servers["peer"]["levels"]):
         k = next(r for r in keel_rows if r["concurrency"] == level)
         p = next(r for r in servers["peer"]["levels"] if r["concurrency"] == level)
@@ -433,6 +442,14 @@ def scenario_lines(results: dict, suffix: str) -> list[str]:
                      f"of CPU per image; Keel at {best['concurrency']} clients {best['server_cpu_ms']:.2f} ms per "
                      f"request (the rest is the HTTP path), and the load generator "
                      f"{best['client_cpu_ms']:.2f} ms of the same cores.")
+    if summary.get("floor_bound"):
+        floor = max(results["servers"]["floor"]["levels"], key=lambda r: r["throughput"]["median"])
+        lines.append(f"- **The HTTP floor**: the same uploads read by a bare Starlette handler that answers at once "
+                     f"(no decoding, no inference): {fmt(floor['throughput'], 0)} requests/s, {cpu_text(floor)} ms "
+                     f"of CPU per request (server + load generator). Those costs add up on shared cores, so even "
+                     f"that bare exchange in front of the pipeline caps a server at 1 / (1/pipeline + 1/floor) = "
+                     f"{summary['floor_bound']:.0f} requests/s ({summary['floor_bound'] / pipeline['images_per_s']['median']:.0%} "
+                     f"of the pipeline); Keel reaches {summary['floor_bound_ratio']:.0%} of that.")
     if summary.get("added_p50_ms_at_1") is not None:
         added = summary["added_p50_ms_at_1"]
         lines.append(f"- **Added latency**: at 1 client Keel's p50 is {added:.1f} ms above the in-process "
