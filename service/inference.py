@@ -245,9 +245,10 @@ class OnnxClassifier:
 
 
 # Below this many ms of one CPU thread per image, a worker's cost is its request path (HTTP,
-# multipart, decoding: ~1.8 ms per 500x375 JPEG upload), not inference, and one Python process
-# cannot use the CPUs it has: the 64 px quick-start model (0.15 ms) served 34% more with one
-# worker per CPU on 2 cores, the 224 px AlexNet (9.2 ms) 30% less (docs/benchmarks.md).
+# multipart, decoding: ~1.7 ms per 500x375 JPEG upload), not inference, and one Python process
+# cannot use the CPUs it has. On 2 cores one worker per CPU served the 64 px quick-start model
+# (0.15 ms) 43% more at 64 clients; the 224 px AlexNet (9.8 ms) no more at 64 clients, 10% less
+# at 16, and 1.6x slower at one client (docs/benchmarks.md).
 CHEAP_INFERENCE_MS = 1.0
 
 
