@@ -9,7 +9,8 @@ Runtime keeps its default threads. Served by uvicorn with one worker:
     PEER_MODEL=artifacts/model.onnx python -m uvicorn benchmarks.peer_server:app --port 8000
 
 It is deliberately naive (no upload cap, minimal error handling): it stands for the baseline in
-benchmarks/service_load.py, not for a second way to serve models.
+benchmarks/service_load.py, not for a second way to serve models. Its /upload_only reads the upload
+and answers at once: the benchmark's HTTP floor.
 """
 
 from __future__ import annotations
@@ -63,5 +64,5 @@ async def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"ok": True})
 
 
-app = Starlette(routes=[Route("/classify", classify, methods=["POST"]), Route("/upload_only", upload_only, methods=["POST"]),
-                        Route("/healthz", healthz)])
+app = Starlette(routes=[Route("/classify", classify, methods=["POST"]),
+                        Route("/upload_only", upload_only, methods=["POST"]), Route("/healthz", healthz)])

@@ -104,9 +104,10 @@ def bentoml_tracing() -> dict:
     (`tracing.exporter_type` in BentoML's configuration), otherwise every URL excluded.
 
     BentoML 1.4.39 wraps each request in OpenTelemetry spans (a server span plus one per ASGI
-    message) even with no exporter, when its default sample rate of 0 drops them all. Making
-    them cost a fifth of the quick-start model's throughput (docs/benchmarks.md). Excluded, access
-    log lines carry no trace/span ids; configure an exporter and every request is traced again.
+    message) even with no exporter, when its default sample rate of 0 drops them all. Making them
+    took a fifth of the quick-start model's throughput (64 clients, one worker: 580 req/s with them,
+    698-729 without). Excluded, access log lines carry no trace/span ids; with an exporter
+    configured every request is traced, as BentoML does.
     """
     from bentoml._internal.configuration.containers import BentoMLContainer  # pinned bentoml==1.4.39
 

@@ -1,8 +1,8 @@
 """Keel's HTTP service, read as a spec.
 
-One BentoML service, `Classifier`, in KEEL_WORKERS HTTP worker processes. Each worker decodes and
-preprocesses uploads on threads and holds the engine (service/engine.py): one ONNX Runtime session
-per served model (loaded and warmed once, CUDA when obtained), each behind BentoML's adaptive
+One BentoML service, `Classifier`, in KEEL_WORKERS HTTP worker processes (by default chosen at
+start-up from what the models cost, see choose_workers). Each worker decodes and preprocesses
+uploads on threads and holds the engine (service/engine.py): one ONNX Runtime session per served model (loaded and warmed once, CUDA when obtained), each behind BentoML's adaptive
 batcher, which merges concurrent requests for that model into one N x 3 x S x S batch and splits
 the N x classes answer back. Models never share a batch. The engine lives in the worker, not in a
 second BentoML service: that hop cost more than inference itself (service/engine.py says how much).
@@ -59,8 +59,8 @@ from service import jobs, v2
 from service.config import ServiceConfig, bentoml_tracing
 from service.engine import Engine
 from service.inference import (
-    CHEAP_INFERENCE_MS, CUDA, TENSORRT, ModelInfo, ModelLoadError, auto_workers, batch_buckets, container_cpus, cpu_cost_ms,
-    gpu_visible, read_model_info, resolve_model, select_providers, top_k,
+    CHEAP_INFERENCE_MS, CUDA, TENSORRT, ModelInfo, ModelLoadError, auto_workers, batch_buckets, container_cpus,
+    cpu_cost_ms, gpu_visible, read_model_info, resolve_model, select_providers, top_k,
 )
 from service.preprocessing import ImageDecodeError, preprocess_bytes
 from service.uploads import TaskUploadGuard, UploadError, read_upload, replace_bentoml_timeout
