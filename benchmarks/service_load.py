@@ -464,6 +464,16 @@ def scenario_lines(results: dict, suffix: str) -> list[str]:
         lines.append("- **Against the peer** (Keel / peer): " + "; ".join(
             f"{c} clients: throughput ×{v['throughput_ratio']:.2f}, p99 ×{v['p99_ratio']:.2f}" for c, v in peers)
             + ". Target at ≥ 16 clients: throughput above 1 and p99 below 1.")
+    budgets = [(key, row) for key, server in results["servers"].items() if key.startswith("keel_budget_")
+               for row in server["levels"]]
+    if budgets:
+        key, row = max(budgets, key=lambda kr: sum(kr[1]["errors"].values()) / max(1, kr[1]["requests"]))
+        shed = sum(row["errors"].values()) / max(1, row["requests"])
+        lines.append(f"- **Latency budgets**: a budget the load cannot meet is kept by shedding (503). A shed "
+                     f"request has been read and decoded already, so the sheds cost CPU: with "
+                     f"{key.removeprefix('keel_budget_').replace('ms', ' ms')} at {row['concurrency']} clients, "
+                     f"{shed:.0%} of requests were shed and {fmt(row['throughput'], 0)} good answers/s remained. "
+                     "Keep KEEL_MAX_LATENCY_MS at a bound clients would rather fail than wait past, not a target.")
     lines += ["", f"![throughput and p99 vs concurrency](benchmarks/{NAME}{suffix}.png)", ""]
     return lines
 
