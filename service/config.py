@@ -34,7 +34,7 @@ class ServiceConfig:
     max_batch_size: int = 32  # adaptive batching: largest batch sent to ONNX Runtime
     max_latency_ms: int = 10000  # adaptive batching: queueing budget before a request is shed with 503
     request_timeout_s: float = 30.0  # per request, decode to answer; past it the client gets 503
-    max_concurrency: int = 256  # requests in progress across workers; more get 429 at once
+    max_concurrency: int = 256  # requests in progress across workers (ceil(N / workers) each); more get 429 at once
     workers: int = 0  # HTTP worker processes (decode + preprocess run there); 0 = chosen at start-up:
     #                   one per CPU for a model cheaper than CHEAP_INFERENCE_MS per image on the CPU, else one
     warmup_delay_s: float = 0.0  # testing only: hold readiness this much longer after warm-up

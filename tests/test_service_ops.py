@@ -38,8 +38,11 @@ def test_readiness_waits_for_warm_up_then_overload_and_timeouts_are_json(exporte
     - a request past KEEL_MAX_CONCURRENCY is refused at once with 429 JSON;
     - a request that is not done within KEEL_REQUEST_TIMEOUT_S (here a client that stalls mid-upload)
       gets 503 JSON, and the server goes on answering."""
+    # One worker: BentoML gives each worker ceil(KEEL_MAX_CONCURRENCY / workers) slots, so with two (what
+    # this model gets by default on 2 CPUs) the second request could take the other worker's slot.
     server = Server(base_env(tmp_path, KEEL_MODEL=str(exported_model), KEEL_WARMUP_DELAY_S=str(WARMUP_DELAY_S),
-                             KEEL_MAX_CONCURRENCY="1", KEEL_REQUEST_TIMEOUT_S=str(TIMEOUT_S)), tmp_path / "server.log")
+                             KEEL_MAX_CONCURRENCY="1", KEEL_WORKERS="1", KEEL_REQUEST_TIMEOUT_S=str(TIMEOUT_S)),
+                    tmp_path / "server.log")
     image = find_images(shapes_data / "test")[0].read_bytes()
     try:
         seen = set()
