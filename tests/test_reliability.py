@@ -521,8 +521,12 @@ def test_killed_workers_are_replaced_under_load_and_later_requests_succeed(own_s
         assert original, original
         for pid in original:
             os.kill(pid, signal.SIGKILL)
+            # until the killed one is gone (just after SIGKILL it may still be listed) and replaced
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and len(workers(own_server)) < len(original):
+            while time.monotonic() < deadline:
+                now = workers(own_server)
+                if pid not in now and len(now) >= len(original):
+                    break
                 time.sleep(0.2)
             time.sleep(2)  # load continues against the respawned worker
     finally:
