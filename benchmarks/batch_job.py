@@ -38,6 +38,7 @@ from service.preprocessing import find_images
 
 NAME = "batch_job"
 CPUS = container_cpus()
+EXECUTOR_PLURALS = {"thread": "threads", "process": "processes"}  # batch.EXECUTORS, for the page
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def render(results: dict) -> str:
     lines = [
         "### Batch job: throughput against its limits",
         "",
-        f"`python -m service.batch` with model `{model['name']}` ({model['arch']}, input "  # and the full-size one
+        f"`python -m service.batch` with model `{model['name']}` ({model['arch']}, input "
         f"{'x'.join(map(str, model['input']))}) on {model['provider']}, {results['workers']} decode workers. "
         f"(a) decoding alone with the job's own pipeline, (b) inference alone on decoded tensors, and the "
         f"whole job (listing, decode, inference, fsynced JSONL), in images/s: median of "
@@ -178,7 +179,7 @@ def render(results: dict) -> str:
     ]
     for name, s in results["sets"].items():
         decode = s["decode_images_per_s"]
-        decoding = ", ".join(f"{fmt(rate_, 0)} with {kind}s".replace("processs", "processes") for kind, rate_ in decode.items())
+        decoding = ", ".join(f"{fmt(rate_, 0)} with {EXECUTOR_PLURALS[kind]}" for kind, rate_ in decode.items())
         lines += [f"**{name}**, {s['images']} images: (a) decoding {decoding}; (b) inference "
                   f"{fmt(s['inference_images_per_s'], 0)}.",
                   f" Shared-CPU bound {s['shared_cpu_bound_images_per_s']:.0f}.",

@@ -63,7 +63,7 @@ class LoadConfig:
     workers_concurrency: tuple[int, ...] = (1, 16, 64)  # levels for the worker count the defaults did not pick
     floor_concurrency: tuple[int, ...] = (64,)  # levels for the HTTP floor (the peer's /upload_only)
     image: tuple[int, int] = (500, 375)  # JPEG size uploaded
-    large_model: str = ""  # a second, full-size model: Keel as shipped and the peer again ("" = skip)
+    large_model: str = ""  # a second, full-size model: Keel, its other worker count and the peer again ("" = skip)
 
     @classmethod
     def quick(cls, model: str) -> LoadConfig:
@@ -245,7 +245,8 @@ def batches_between(before: dict, after: dict) -> dict | None:
     return {"batches": int(delta["count"]), "mean_size": delta["sum"] / delta["count"], "per_bucket": per_bucket}
 
 
-def measure(server: Launched, bodies, config: LoadConfig, levels: tuple[int, ...], path: str = "/classify") -> list[dict]:
+def measure(server: Launched, bodies, config: LoadConfig, levels: tuple[int, ...],
+            path: str = "/classify") -> list[dict]:
     url = server.url + path
     rows = []
     for concurrency in levels:
@@ -328,7 +329,6 @@ def scenario(model: str, config: LoadConfig, images: list[bytes], bodies, full: 
             plan += [(f"keel_budget_{ms}ms", f"Keel, KEEL_MAX_LATENCY_MS={ms}",
                       keel(model, logs, f"keel_budget_{ms}ms", KEEL_MAX_LATENCY_MS=str(ms)),
                       config.budget_concurrency) for ms in config.budgets_ms]
-        if full:
             plan += [("floor", "HTTP floor: the peer reading the upload and answering without decoding or inference",
                       peer(model, logs), config.floor_concurrency, "/upload_only")]
         for key, label, launcher, levels, *path in plan:

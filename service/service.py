@@ -2,8 +2,9 @@
 
 One BentoML service, `Classifier`, in KEEL_WORKERS HTTP worker processes (by default chosen at
 start-up from what the models cost, see choose_workers). Each worker decodes and preprocesses
-uploads on threads and holds the engine (service/engine.py): one ONNX Runtime session per served model (loaded and warmed once, CUDA when obtained), each behind BentoML's adaptive
-batcher, which merges concurrent requests for that model into one N x 3 x S x S batch and splits
+uploads on threads and holds the engine (service/engine.py): one ONNX Runtime session per served
+model (loaded and warmed once, CUDA when obtained), each behind BentoML's adaptive batcher, which
+merges concurrent requests for that model into one N x 3 x S x S batch and splits
 the N x classes answer back. Models never share a batch. The engine lives in the worker, not in a
 second BentoML service: that hop cost more than inference itself (service/engine.py says how much).
 
@@ -94,16 +95,17 @@ def choose_workers(config: ServiceConfig, catalogue: dict[str, tuple[Path, Model
     once in `bentoml serve`'s own process. The workers inherit the choice through their environment."""
     if config.workers:
         return config.workers, config.cpu_threads
+    cpus = container_cpus()
     providers = select_providers(config.device, ort.get_available_providers(), gpu_visible(), config.tensorrt)
     if CUDA in providers or TENSORRT in providers:  # one process owns the GPU and batches for it
         workers, costs = 1, "not measured (GPU)"
     else:
         cost = {name: cpu_cost_ms(path) for name, (path, _) in catalogue.items()}
-        workers = auto_workers(list(cost.values()), container_cpus())
+        workers = auto_workers(list(cost.values()), cpus)
         costs = ", ".join(f"{name} {ms:.2f} ms" for name, ms in cost.items())
-    threads = config.cpu_threads or (max(1, container_cpus() // workers) if workers > 1 else 0)
+    threads = config.cpu_threads or (cpus // workers if workers > 1 else 0)  # 0: every CPU, one worker
     log.info("keel: %d HTTP worker(s) with %d ONNX Runtime thread(s) each; inference per image on one CPU thread: "
-             "%s (one worker per CPU below %g ms; KEEL_WORKERS overrides)", workers, threads or container_cpus(), costs,
+             "%s (one worker per CPU below %g ms; KEEL_WORKERS overrides)", workers, threads or cpus, costs,
              CHEAP_INFERENCE_MS)
     os.environ.update(KEEL_WORKERS=str(workers), KEEL_CPU_THREADS=str(threads))
     return workers, threads
