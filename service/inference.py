@@ -272,6 +272,15 @@ def auto_workers(costs_ms: list[float], cpus: int) -> int:
     return cpus if costs_ms and max(costs_ms) < CHEAP_INFERENCE_MS else 1
 
 
+def decode_on_loop(workers: int, cpus: int) -> bool:
+    """Whether an HTTP worker decodes uploads on its event loop instead of on threads: when the workers
+    have a CPU each (or less), a thread pool cannot decode in parallel, and handing every upload to a
+    thread and back costs thread wake-ups and GIL hand-offs. Measured on 2 CPUs, 64 px model, two
+    workers (benchmarks/service_load.py): 750 -> 930 requests/s at 16 clients, ~880 -> 1,000 at 64,
+    server CPU per request 2.0 -> 1.8 ms."""
+    return workers >= cpus
+
+
 def preload_cuda_libraries() -> None:
     """Load CUDA/cuDNN from the nvidia-* wheels when they are installed (onnxruntime-gpu[cuda,cudnn]),
     so the image needs no CUDA base; a no-op on machines without them."""

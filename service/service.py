@@ -61,7 +61,7 @@ from service.config import ServiceConfig, bentoml_tracing
 from service.engine import Engine
 from service.inference import (
     CHEAP_INFERENCE_MS, CUDA, TENSORRT, ModelInfo, ModelLoadError, auto_workers, batch_buckets, container_cpus,
-    cpu_cost_ms, gpu_visible, read_model_info, resolve_model, select_providers, top_k,
+    cpu_cost_ms, decode_on_loop, gpu_visible, read_model_info, resolve_model, select_providers, top_k,
 )
 from service.preprocessing import ImageDecodeError, preprocess_bytes
 from service.uploads import TaskUploadGuard, UploadError, read_upload, replace_bentoml_timeout
@@ -104,8 +104,9 @@ def choose_workers(config: ServiceConfig, catalogue: dict[str, tuple[Path, Model
         workers = auto_workers(list(cost.values()), cpus)
         costs = ", ".join(f"{name} {ms:.2f} ms" for name, ms in cost.items())
     threads = config.cpu_threads or (cpus // workers if workers > 1 else 0)  # 0: every CPU, one worker
-    log.info("keel: %d HTTP worker(s) with %d ONNX Runtime thread(s) each; inference per image on one CPU thread: "
-             "%s (one worker per CPU below %g ms; KEEL_WORKERS overrides)", workers, threads or cpus, costs,
+    log.info("keel: %d HTTP worker(s) with %d ONNX Runtime thread(s) each, decoding uploads on %s; inference per "
+             "image on one CPU thread: %s (one worker per CPU below %g ms; KEEL_WORKERS overrides)", workers,
+             threads or cpus, "each worker's event loop" if decode_on_loop(workers, cpus) else "threads", costs,
              CHEAP_INFERENCE_MS)
     os.environ.update(KEEL_WORKERS=str(workers), KEEL_CPU_THREADS=str(threads))
     return workers, threads
@@ -120,6 +121,7 @@ if CONFIG.device == "cuda" and not gpu_visible():
     raise ModelLoadError("KEEL_DEVICE=cuda requires the GPU, and this host shows none (no /dev/nvidia*); "
                          "unset KEEL_DEVICE to serve on the CPU")
 WORKERS, CPU_THREADS = choose_workers(CONFIG, CATALOGUE)
+DECODE_ON_LOOP = decode_on_loop(WORKERS, container_cpus())  # else on threads, in parallel across the CPUs
 BATCHING = CONFIG.max_batch_size > 1  # KEEL_MAX_BATCH_SIZE=1 turns batching off
 WARMUP_SIZES = batch_buckets(CONFIG.max_batch_size)  # the sizes the batcher forms on GPU (all of them padded)
 # BentoML's per-request timeout (504) is a backstop behind the routes' own, which answer with a clear 503
@@ -263,11 +265,12 @@ class Classifier:
         }
 
     async def preprocess(self, data: bytes, model: ModelInfo, raise_: bool = True) -> np.ndarray | str:
-        """Decode + preprocess off the event loop (Pillow releases the GIL); a bad image raises a
-        400 RequestError, or with raise_=False comes back as its error message."""
+        """Decode + preprocess, on this worker's event loop when it has no spare CPU for threads
+        (DECODE_ON_LOOP), else on a thread (Pillow releases the GIL); a bad image raises a 400
+        RequestError, or with raise_=False comes back as its error message."""
+        args = (data, model.preprocessing, CONFIG.max_pixels, CONFIG.jpeg_draft)
         try:
-            return await asyncio.to_thread(preprocess_bytes, data, model.preprocessing, CONFIG.max_pixels,
-                                           CONFIG.jpeg_draft)
+            return preprocess_bytes(*args) if DECODE_ON_LOOP else await asyncio.to_thread(preprocess_bytes, *args)
         except ImageDecodeError as exc:
             if raise_:
                 raise RequestError(str(exc)) from None
@@ -284,7 +287,8 @@ class Classifier:
         models = {name: self.describe(name) for name in names}
         default = models.get(self.default_model) or next(iter(models.values()))
         return JSONResponse({**default, "default_model": self.default_model, "models": models,
-                             "service": {"workers": WORKERS, "request_timeout_s": CONFIG.request_timeout_s,
+                             "service": {"workers": WORKERS, "decode": "event loop" if DECODE_ON_LOOP else "threads",
+                                         "request_timeout_s": CONFIG.request_timeout_s,
                                          "max_concurrency": CONFIG.max_concurrency, "device": CONFIG.device,
                                          "tensorrt": CONFIG.tensorrt}})
 

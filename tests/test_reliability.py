@@ -8,6 +8,7 @@ Bounded in time: about two minutes of CPU on 2 cores (KEEL_SOAK_SECONDS sets the
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
@@ -73,8 +74,8 @@ def send(url: str, body: bytes | None, content_type: str | None, method: str = "
             return Answer(response.status, response.read(), response.headers.get("content-type", ""))
     except urllib.error.HTTPError as error:
         return Answer(error.code, error.read(), error.headers.get("content-type", ""))
-    except (OSError, urllib.error.URLError) as error:
-        return Answer(type(error).__name__)
+    except (OSError, urllib.error.URLError, http.client.HTTPException) as error:  # e.g. IncompleteRead: the
+        return Answer(type(error).__name__)  # worker died between the status line and the body
 
 
 def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str | None = None) -> tuple[bytes, str]:

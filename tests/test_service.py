@@ -153,6 +153,7 @@ def test_a_cheap_model_gets_one_worker_per_cpu_each_with_one_thread(server, expo
         meta = json.loads(response.read())
     assert meta["service"]["workers"] == container_cpus()
     assert meta["cpu_threads"] == (1 if container_cpus() > 1 else container_cpus())
+    assert meta["service"]["decode"] == "event loop"  # a CPU per worker: no spare one for decode threads
     assert "HTTP worker(s) with" in server.log_path.read_text()  # the choice and its reason are logged
 
 

@@ -128,6 +128,19 @@ def test_worker_count_follows_what_inference_costs(costs, cpus, expected):
     assert auto_workers(costs, cpus) == expected
 
 
+@pytest.mark.parametrize("workers, cpus, on_loop", [
+    (2, 2, True),  # the cheap model's default: a CPU per worker, nothing for a decode thread to run on
+    (1, 1, True),
+    (4, 2, True),
+    (1, 16, False),  # one worker with every CPU: threads decode in parallel beside inference
+    (2, 4, False),
+])
+def test_workers_decode_on_their_event_loop_only_without_spare_cpus(workers, cpus, on_loop):
+    from service.inference import decode_on_loop
+
+    assert decode_on_loop(workers, cpus) is on_loop
+
+
 def test_workers_must_not_be_negative():
     assert ServiceConfig.from_env({}).workers == 0  # chosen at start-up
     with pytest.raises(ValueError, match="KEEL_WORKERS"):
