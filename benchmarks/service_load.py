@@ -465,7 +465,8 @@ def scenario_lines(results: dict, suffix: str) -> list[str]:
                      f"{summary['cpu_bound']:.0f} requests/s ({summary['cpu_bound'] / pipeline['images_per_s']['median']:.0%} "
                      f"of the pipeline) if a server spent nothing more. Keel's requests cost {cpu_text(best)} ms "
                      f"and it reaches {summary['cpu_bound_ratio']:.0%} of that bound: the difference is its own "
-                     f"request path (BentoML's middleware, the hand-offs to the decode and inference threads).")
+                     f"request path (BentoML's middleware, multipart parsing, the adaptive batcher and its hand-off to "
+                     f"the inference thread).")
     if summary.get("added_p50_ms_at_1") is not None:
         added = summary["added_p50_ms_at_1"]
         lines.append(f"- **Added latency**: at 1 client Keel's p50 is {added:.1f} ms above the in-process "
