@@ -467,6 +467,15 @@ def scenario_lines(results: dict, suffix: str) -> list[str]:
                      f"and it reaches {summary['cpu_bound_ratio']:.0%} of that bound: the difference is its own "
                      f"request path (BentoML's middleware, multipart parsing, the adaptive batcher and its hand-off to "
                      f"the inference thread).")
+        if ratio < 0.8:
+            bare = pipeline["cpu_ms_per_image"]["median"] + floor["server_cpu_ms"] + floor["client_cpu_ms"]
+            cpus = summary["cpu_bound"] * bare / 1000
+            allowed = cpus * 1000 / (0.8 * pipeline["images_per_s"]["median"])
+            spent = best["server_cpu_ms"] + best["client_cpu_ms"]
+            lines.append(f"- **What 80% would take**: at 80% of the pipeline's rate these {cpus:.0f} CPUs leave "
+                         f"{allowed:.2f} ms of CPU per request, server and load generator together: "
+                         f"{allowed - bare:.2f} ms above the pipeline's work plus the bare exchange, for everything a "
+                         f"serving stack adds to a bare handler. Keel spends {spent - bare:.2f} ms there.")
     if summary.get("added_p50_ms_at_1") is not None:
         added = summary["added_p50_ms_at_1"]
         lines.append(f"- **Added latency**: at 1 client Keel's p50 is {added:.1f} ms above the in-process "
