@@ -105,7 +105,8 @@ def assemble(out: Path, doc: Path, run_info: dict) -> str:
         lines += [f"- **Machine**: {machine.get('cpu_model')}, {machine.get('cpus')} CPUs, "
                   f"{machine.get('memory_gib')} GiB, GPU: {machine.get('gpu')}; {machine.get('platform')}, "
                   f"Python {machine.get('python')}"]
-    lines += [f"- **Run**: {run_info['date']}, `{run_info['command']}`"
+    scope = " (only those; the other sections are from their own last run)" if "--only" in run_info["command"] else ""
+    lines += [f"- **Run**: {run_info['date']}, `{run_info['command']}`{scope}"
               f"{' (quick smoke run: not for comparison)' if run_info['quick'] else ''}, commit "
               f"`{run_info['commit']}`, load average {run_info['loadavg']} at the start",
               f"- **Model**: `{run_info['model']}` (checkpoint `{run_info.get('checkpoint')}`)", ""]
@@ -136,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     model, checkpoint, data = prepare(args.model.resolve(), args.checkpoint.resolve(), args.data.resolve())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     run_info = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "command": "make bench" + (" QUICK=1" if args.quick else ""), "quick": args.quick,
+                "command": ("make bench" + (" QUICK=1" if args.quick else "") if not args.only else
+                            f"python -m benchmarks --only {' '.join(args.only)}"),
+                "quick": args.quick,
                 "commit": commit.stdout.strip() or "unknown", "loadavg": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
                 "model": str(model.relative_to(REPO) if model.is_relative_to(REPO) else model),
                 "checkpoint": str(checkpoint.relative_to(REPO) if checkpoint.is_relative_to(REPO) else checkpoint),

@@ -10,7 +10,9 @@ answered), every run bounded by a request count and a time:
 - Keel with the worker count its defaults did not choose (one worker, or one per CPU with one ONNX
   Runtime thread each), to show what the start-up choice (service/service.py) is worth;
 - Keel with tighter latency budgets (KEEL_MAX_LATENCY_MS), at the higher concurrencies;
-- the peer, benchmarks/peer_server.py under uvicorn (per-request inference, no batching).
+- the peer, benchmarks/peer_server.py under uvicorn (per-request inference, no batching);
+- at the highest concurrency, the HTTP floor (the peer's /upload_only: the exchange alone) and
+  Keel's engine without BentoML (benchmarks/engine_server.py: what BentoML's request path costs).
 Every request is a multipart upload of a photo-like 500x375 JPEG, as `curl -F image=@...` sends.
 Per run: throughput of good answers, p50/p90/p99 latency, errors by status; per level, the
 batch sizes the adaptive batcher really formed (keel_batch_size in /metrics, before minus after).
@@ -133,6 +135,14 @@ def peer(model: str, log_dir: Path) -> Launched:
                      "--port", "{port}"], {"PEER_MODEL": str(Path(model).resolve())}, "/healthz", log_dir, "peer")
 
 
+def without_bentoml(model: str, log_dir: Path, workers: int, threads: int) -> Launched:
+    """Keel's engine, uploads and decoding on bare uvicorn + Starlette (benchmarks/engine_server.py)."""
+    return Launched([sys.executable, "-m", "uvicorn", "benchmarks.engine_server:app", "--workers", str(workers),
+                     "--host", "127.0.0.1", "--port", "{port}"],
+                    {"ENGINE_MODEL": str(Path(model).resolve()), "ENGINE_WORKERS": str(workers),
+                     "ENGINE_THREADS": str(threads)}, "/readyz", log_dir, "without_bentoml")
+
+
 def multipart(data: bytes, field: str = "image") -> tuple[bytes, str]:
     """A multipart body built once, so the client spends its CPU on sending, not encoding."""
     boundary = uuid.uuid4().hex
@@ -202,12 +212,13 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def served_workers(url: str) -> int:
-    """The HTTP workers a running Keel chose (its /metadata)."""
+def served_workers(url: str) -> tuple[int, int]:
+    """The HTTP workers a running Keel chose, and ONNX Runtime threads per worker (its /metadata)."""
     import json
 
     with urllib.request.urlopen(url + "/metadata", timeout=10) as response:
-        return json.loads(response.read())["service"]["workers"]
+        meta = json.loads(response.read())
+    return meta["service"]["workers"], meta["cpu_threads"]
 
 
 def batch_histogram(url: str) -> dict[str, float]:
@@ -306,7 +317,7 @@ def scenario(model: str, config: LoadConfig, images: list[bytes], bodies, full: 
     with tempfile.TemporaryDirectory(prefix="keel-bench-") as tmp:
         logs = Path(tmp)
         with keel(model, logs, "keel") as server:
-            workers = served_workers(server.url)
+            workers, threads = served_workers(server.url)
             servers["keel"] = {"label": f"Keel (defaults: {workers} HTTP worker{'s' if workers > 1 else ''}, chosen at "
                                         "start-up)", "workers": workers,
                                "levels": measure(server, bodies, config, config.concurrency)}
@@ -331,6 +342,9 @@ def scenario(model: str, config: LoadConfig, images: list[bytes], bodies, full: 
                       config.budget_concurrency) for ms in config.budgets_ms]
             plan += [("floor", "HTTP floor: the peer reading the upload and answering without decoding or inference",
                       peer(model, logs), config.floor_concurrency, "/upload_only")]
+            plan += [("without_bentoml", f"Keel's engine without BentoML: bare Starlette, {workers} uvicorn "
+                      f"worker{'s' if workers > 1 else ''}", without_bentoml(model, logs, workers, threads),
+                      config.floor_concurrency)]
         for key, label, launcher, levels, *path in plan:
             if not levels:
                 continue
@@ -359,6 +373,9 @@ def summarize(pipeline: dict, servers: dict, cpus: int) -> dict:
         per_request = pipeline["cpu_ms_per_image"]["median"] + floor["server_cpu_ms"] + floor["client_cpu_ms"]
         summary["cpu_bound"] = cpus * 1000 / per_request
         summary["cpu_bound_ratio"] = best["throughput"]["median"] / summary["cpu_bound"]
+    if "without_bentoml" in servers:
+        bare = max(servers["without_bentoml"]["levels"], key=lambda r: r["throughput"]["median"])
+        summary["without_bentoml_ratio"] = bare["throughput"]["median"] / pipeline["images_per_s"]["median"]
     for level in (r["concurrency"] for r in servers["peer"]["levels"]):
         k = next(r for r in keel_rows if r["concurrency"] == level)
         p = next(r for r in servers["peer"]["levels"] if r["concurrency"] == level)
@@ -476,6 +493,14 @@ def scenario_lines(results: dict, suffix: str) -> list[str]:
                          f"{allowed:.2f} ms of CPU per request, server and load generator together: "
                          f"{allowed - bare:.2f} ms above the pipeline's work plus the bare exchange, for everything a "
                          f"serving stack adds to a bare handler. Keel spends {spent - bare:.2f} ms there.")
+    if summary.get("without_bentoml_ratio") is not None:
+        engine = max(results["servers"]["without_bentoml"]["levels"], key=lambda r: r["throughput"]["median"])
+        lines.append(f"- **Without BentoML**: Keel's own upload reading, decoding, batcher and engine behind a bare "
+                     f"Starlette app (uvicorn's access log; no BentoML metrics, concurrency limit, deadline or "
+                     f"request context) cost {cpu_text(engine)} ms per request and reach "
+                     f"{summary['without_bentoml_ratio']:.0%} of the pipeline at {engine['concurrency']} clients, "
+                     f"against Keel's {ratio:.0%}: BentoML's request path costs "
+                     f"{best['server_cpu_ms'] - engine['server_cpu_ms']:.2f} ms of server CPU per request.")
     if summary.get("added_p50_ms_at_1") is not None:
         added = summary["added_p50_ms_at_1"]
         lines.append(f"- **Added latency**: at 1 client Keel's p50 is {added:.1f} ms above the in-process "
