@@ -276,8 +276,10 @@ def decode_on_loop(workers: int, cpus: int) -> bool:
     """Whether an HTTP worker decodes uploads on its event loop instead of on threads: when the workers
     have a CPU each (or less), a thread pool cannot decode in parallel, and handing every upload to a
     thread and back costs thread wake-ups and GIL hand-offs. Measured on 2 CPUs, 64 px model, two
-    workers (benchmarks/service_load.py): 750 -> 930 requests/s at 16 clients, ~880 -> 1,000 at 64,
-    server CPU per request 2.0 -> 1.8 ms."""
+    workers, back-to-back runs: 64 clients ~880 -> 1,000 requests/s (server CPU per request 2.0 -> 1.8
+    ms); 16 clients, 8 runs each, median 750 -> 838 (2.3 -> 1.9 ms), but spread 557-922 instead of
+    582-777: when one worker has accepted most of the connections, the other's idle CPU can no longer
+    run the busy one's decode threads."""
     return workers >= cpus
 
 
