@@ -2,11 +2,12 @@
 
 One BentoML service, `Classifier`, in KEEL_WORKERS HTTP worker processes (by default chosen at
 start-up from what the models cost, see choose_workers). Each worker decodes and preprocesses
-uploads on threads and holds the engine (service/engine.py): one ONNX Runtime session per served
-model (loaded and warmed once, CUDA when obtained), each behind BentoML's adaptive batcher, which
-merges concurrent requests for that model into one N x 3 x S x S batch and splits
-the N x classes answer back. Models never share a batch. The engine lives in the worker, not in a
-second BentoML service: that hop cost more than inference itself (service/engine.py says how much).
+uploads (on its event loop when it has a CPU to itself, else on threads) and holds the engine
+(service/engine.py): one ONNX Runtime session per served model (loaded and warmed once, CUDA when
+obtained), each behind BentoML's adaptive batcher, which merges concurrent requests for that model
+into one N x 3 x S x S batch and splits the N x classes answer back. Models never share a batch.
+The engine lives in the worker, not in a second BentoML service: that hop cost more than inference
+itself (service/engine.py says how much).
 
 Endpoints (BentoML's /healthz, /livez, /readyz, /metrics, /docs.json stay; /readyz is 503 until
 every model is loaded and warmed up):
