@@ -61,7 +61,9 @@ serve: $(MODEL)
 	wait $$server
 
 # container-tools first: on a clean machine as root it installs podman, so the container test runs.
+# ruff first: a lint error fails the run before the suite starts (configuration in pyproject.toml).
 test: $(STAMP) container-tools
+	$(BIN)/ruff check .
 	$(PY) -m pytest
 
 # A Bento (service code + the model from the store), the input to `bentoml containerize`.

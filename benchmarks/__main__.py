@@ -136,11 +136,12 @@ def main(argv: list[str] | None = None) -> int:
 
     model, checkpoint, data = prepare(args.model.resolve(), args.checkpoint.resolve(), args.data.resolve())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    run_info = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    run_info = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 "command": ("make bench" + (" QUICK=1" if args.quick else "") if not args.only else
                             f"python -m benchmarks --only {' '.join(args.only)}"),
                 "quick": args.quick,
-                "commit": commit.stdout.strip() or "unknown", "loadavg": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+                "commit": commit.stdout.strip() or "unknown",
+                "loadavg": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
                 "model": str(model.relative_to(REPO) if model.is_relative_to(REPO) else model),
                 "checkpoint": str(checkpoint.relative_to(REPO) if checkpoint.is_relative_to(REPO) else checkpoint),
                 "failed": []}

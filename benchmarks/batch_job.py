@@ -130,7 +130,7 @@ def bench_set(folder: Path, classifier: OnnxClassifier, config: BenchConfig, scr
         job_config = replace(base, executor=executor_kind, batch_size=size, ort_threads=ort_threads)
         seconds = []
 
-        def once():
+        def once(job_config=job_config, seconds=seconds):
             summary = batch.run(job_config, log=lambda message: None)
             seconds.append(summary["seconds"])
         timed(config.repeats, once)
@@ -183,7 +183,8 @@ def render(results: dict) -> str:
         lines += [f"**{name}**, {s['images']} images: (a) decoding {decoding}; (b) inference "
                   f"{fmt(s['inference_images_per_s'], 0)}.",
                   f" Shared-CPU bound {s['shared_cpu_bound_images_per_s']:.0f}.",
-                  "", "| decoding | batch size | ONNX Runtime threads | images/s | share of min(a, b) | share of shared-CPU bound |",
+                  "", "| decoding | batch size | ONNX Runtime threads | images/s | share of min(a, b) "
+                      "| share of shared-CPU bound |",
                   "|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {j['workers']} {j['executor']} workers | {j['batch_size']} | {j['ort_threads']} | "
                   f"{fmt(j['images_per_s'], 0)} | {j['share_of_limit']:.0%} | {j['share_of_shared_cpu_bound']:.0%} |"

@@ -76,10 +76,11 @@ def run(config: VariantsConfig) -> dict:
                 batch = np.random.default_rng(n).standard_normal((n, 3, crop, crop)).astype(np.float32)
                 throughput, latency = [], []
                 for _ in range(config.repeats):
-                    durations = time_calls(lambda: classifier.predict(batch), config.run_seconds)
+                    durations = time_calls(lambda c=classifier, b=batch: c.predict(b), config.run_seconds)
                     throughput.append(n * len(durations) / sum(durations))
                     latency.append(float(np.median(durations)) * 1000)
-                row["speed"].append({"batch_size": n, "images_per_s": spread(throughput), "ms_per_batch": spread(latency)})
+                row["speed"].append({"batch_size": n, "images_per_s": spread(throughput),
+                                     "ms_per_batch": spread(latency)})
                 print(f"  {precision} batch {n:3d}: {fmt(row['speed'][-1]['images_per_s'])} images/s", file=sys.stderr)
             rows.append(row)
             del classifier
@@ -105,8 +106,8 @@ def bench_uint8_input(out: Path, config: VariantsConfig) -> dict:
     rows = []
     for n in config.batch_sizes:
         crops = [Image.fromarray(rng.integers(0, 256, (spec.crop, spec.crop, 3), dtype=np.uint8)) for _ in range(n)]
-        float_path = lambda: classifier.predict(np.stack([normalize(c, spec) for c in crops]))  # noqa: E731
-        uint8_path = lambda: session.run(None, {UINT8_INPUT_NAME: np.stack([np.asarray(c) for c in crops])})  # noqa: E731
+        float_path = lambda crops=crops: classifier.predict(np.stack([normalize(c, spec) for c in crops]))  # noqa: E731
+        uint8_path = lambda crops=crops: session.run(None, {UINT8_INPUT_NAME: np.stack([np.asarray(c) for c in crops])})  # noqa: E731
         timings = {}
         for name, call in (("float32_ms", float_path), ("uint8_ms", uint8_path)):
             timings[name] = spread([float(np.median(time_calls(call, config.run_seconds))) * 1000
@@ -201,7 +202,8 @@ def default_checkpoint() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{NAME}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=default_checkpoint(),
-                        help=f"Keel checkpoint (default: $KEEL_BENCH_CHECKPOINT, else the first of {', '.join(CHECKPOINTS)})")
+                        help="Keel checkpoint (default: $KEEL_BENCH_CHECKPOINT, else the first of "
+                             f"{', '.join(CHECKPOINTS)})")
     parser.add_argument("--data", default=os.environ.get("KEEL_BENCH_DATA"),
                         help="ImageFolder root with val/, test/, train/ (default: $KEEL_BENCH_DATA, else the "
                              "checkpoint's training data)")

@@ -91,7 +91,7 @@ def bench_inference(classifier, config: LimitConfig) -> list[dict]:
         batch = np.random.default_rng(n).standard_normal((n, 3, crop, crop)).astype(np.float32)
         throughput, latency = [], []
         for _ in range(config.repeats):
-            durations = time_calls(lambda: classifier.predict(batch), config.run_seconds)
+            durations = time_calls(lambda b=batch: classifier.predict(b), config.run_seconds)
             throughput.append(n * len(durations) / sum(durations))
             latency.append(float(np.median(durations)) * 1000)
         rows.append({"batch_size": n, "images_per_s": spread(throughput), "ms_per_batch": spread(latency)})

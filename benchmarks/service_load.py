@@ -70,8 +70,8 @@ class LoadConfig:
     @classmethod
     def quick(cls, model: str) -> LoadConfig:
         return cls(model=model, concurrency=(1, 16), repeats=2, run_seconds=0.3, max_requests=100,
-                   warmup_requests=4, budgets_ms=(), budget_concurrency=(), workers_concurrency=(), floor_concurrency=(),
-                   large_model="")
+                   warmup_requests=4, budgets_ms=(), budget_concurrency=(), workers_concurrency=(),
+                   floor_concurrency=(), large_model="")
 
 
 def free_port() -> int:
@@ -175,7 +175,7 @@ async def drive(url: str, bodies: list[tuple[bytes, str]], concurrency: int, sec
                     async with session.post(url, data=body, headers={"Content-Type": content_type}) as response:
                         await response.read()
                         status = response.status
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     status = type(exc).__name__
                 if status == 200:
                     latencies.append(time.perf_counter() - t0)
@@ -457,7 +457,7 @@ def scenario_lines(results: dict, suffix: str) -> list[str]:
     summary, pipeline = results["summary"], results["pipeline"]
     lines = ["| server | clients | requests/s | p50 ms | p90 ms | p99 ms | errors | batches | CPU ms/request |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for key, server in results["servers"].items():
+    for server in results["servers"].values():
         for r in server["levels"]:
             errors = sum(r["errors"].values())
             error_text = f"{errors} ({', '.join(f'{k}: {v}' for k, v in r['errors'].items())})" if errors else "0"
@@ -465,7 +465,8 @@ def scenario_lines(results: dict, suffix: str) -> list[str]:
             lines.append(f"| {server['label']} | {r['concurrency']} | {fmt(r['throughput'], 0)} | {fmt(r['p50_ms'])} "
                          f"| {fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} | {error_text} | {batch} | {cpu_text(r)} |")
     ratio = summary["saturation_ratio"]
-    best = next(r for r in results["servers"]["keel"]["levels"] if r["concurrency"] == summary["saturation_concurrency"])
+    best = next(r for r in results["servers"]["keel"]["levels"]
+                if r["concurrency"] == summary["saturation_concurrency"])
     lines += ["", f"- **Against the limit**: the in-process pipeline (preprocess + inference, same JPEGs) does "
               f"{fmt(pipeline['images_per_s'], 0)} images/s; Keel peaks at {ratio:.0%} of it "
               f"(at {summary['saturation_concurrency']} clients; target ≥ 80%: "
@@ -482,7 +483,8 @@ def scenario_lines(results: dict, suffix: str) -> list[str]:
                      f"{cpu_text(floor)} ms of CPU per request (server + load generator; its "
                      f"{fmt(floor['throughput'], 0)} requests/s are one Python process's). With the pipeline's "
                      f"{pipeline['cpu_ms_per_image']['median']:.2f} ms per image, these CPUs could answer at most "
-                     f"{summary['cpu_bound']:.0f} requests/s ({summary['cpu_bound'] / pipeline['images_per_s']['median']:.0%} "
+                     f"{summary['cpu_bound']:.0f} requests/s "
+                     f"({summary['cpu_bound'] / pipeline['images_per_s']['median']:.0%} "
                      f"of the pipeline) if a server spent nothing more. Keel's requests cost {cpu_text(best)} ms "
                      f"and it reaches {summary['cpu_bound_ratio']:.0%} of that bound: the difference is its own "
                      f"request path (BentoML's middleware, multipart parsing, the adaptive batcher and its hand-off to "

@@ -52,7 +52,8 @@ def make_trainer(mode: str, arch: str, width: float, model_args: dict, log_dir: 
 def measure(arch: str, width: float, size: int, batch: int, model_args: dict, blocks: int, steps: int,
             warmup: int = 3) -> dict:
     generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(batch, 3, size, size, generator=generator), torch.randint(0, 10, (batch,), generator=generator))
+    batches = [(torch.randn(batch, 3, size, size, generator=generator),
+                torch.randint(0, 10, (batch,), generator=generator))
                for _ in range(4)]
     with tempfile.TemporaryDirectory() as folder:
         trainers = {mode: make_trainer(mode, arch, width, model_args, Path(folder)) for mode in MODES}

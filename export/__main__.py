@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m export",
         description=f"Export a Keel checkpoint to a verified ONNX model (opset {OPSET}, batch norm folded), "
                     "optionally with fp16 and int8 variants beside it.")
-    parser.add_argument("checkpoint", type=Path, help="a checkpoint written by `python -m training` (e.g. RUN_DIR/best.pt)")
+    parser.add_argument("checkpoint", type=Path,
+                        help="a checkpoint written by `python -m training` (e.g. RUN_DIR/best.pt)")
     parser.add_argument("--out", type=Path, required=True,
                         help="where to write the .onnx file; its .parity.json and any variants (NAME.fp16.onnx, "
                              "NAME.int8.onnx) land beside it")
@@ -37,10 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-images", type=Path, default=None,
                         help="images for int8 calibration (default: the training data's train/ split)")
     parser.add_argument("--calibration-count", type=int, default=DEFAULTS.calibration_count,
-                        help=f"calibration images used, spread over the classes (default: {DEFAULTS.calibration_count})")
+                        help="calibration images used, spread over the classes "
+                             f"(default: {DEFAULTS.calibration_count})")
     parser.add_argument("--max-accuracy-drop", type=float, default=DEFAULTS.max_accuracy_drop,
                         help="refuse a variant whose test top-1 is more than this below fp32's, as a fraction "
-                             f"(default: {DEFAULTS.max_accuracy_drop}, i.e. {100 * DEFAULTS.max_accuracy_drop:g} point)")
+                             f"(default: {DEFAULTS.max_accuracy_drop}, "
+                             f"i.e. {100 * DEFAULTS.max_accuracy_drop:g} point)")
     parser.add_argument("--bentoml", metavar="NAME", default=None,
                         help="also save the model, its variants and parity reports to the BentoML model store as NAME")
     args = parser.parse_args(argv)

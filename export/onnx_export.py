@@ -28,9 +28,9 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -65,7 +65,7 @@ class ExportConfig:
     fp16: bool = False  # also write <out>.fp16.onnx (for the CUDA provider)
     int8: bool = False  # also write <out>.int8.onnx (static QDQ quantization, for the CPU)
     uint8_input: bool = False  # also write <out>.uint8-nhwc.onnx (uint8 NHWC input; the service cannot load it yet)
-    test_images: str | None = None  # labelled ImageFolder split for the variants' accuracy; None: the training data's test/
+    test_images: str | None = None  # labelled ImageFolder split for variants' accuracy; None: the training data's test/
     calibration_images: str | None = None  # int8 calibration images; None: the training data's train/ split
     calibration_count: int = 256  # calibration images used, spread over the classes
     # A variant whose test top-1 accuracy is more than this below the fp32 model's (absolute: 0.01 is
@@ -167,16 +167,19 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, config:
                 details = convert_fp16(out_path, candidate)
             else:
                 steps.next(f"quantizing to int8 (static QDQ, per-channel; calibration on {calibration_dir})")
-                details = quantize_int8(out_path, candidate, calibration_dir, spec, config.calibration_count, scratch, log)
+                details = quantize_int8(out_path, candidate, calibration_dir, spec, config.calibration_count,
+                                        scratch, log)
             annotate(candidate, variant_metadata(metadata, precision, sha256_of(out_path), details))
             check_graph(candidate, spec, len(checkpoint["labels"]))
             variant_report = compare_variant(reference, candidate, precision, config.max_accuracy_drop)
             variant_report.update(details=details)
             reports[precision] = variant_report
             test = variant_report["test"]
-            summary = (f"test top-1 {test['top1']:.2%} vs fp32 {test['fp32_top1']:.2%} ({100 * test['top1_delta']:+.1f} points), "
+            summary = (f"test top-1 {test['top1']:.2%} vs fp32 {test['fp32_top1']:.2%} "
+                       f"({100 * test['top1_delta']:+.1f} points), "
                        f"max |dp| {variant_report['parity']['max_abs_diff']:.1e}, "
-                       f"top-1 agreement {variant_report['parity']['top1_agreement']:.1%} on {variant_report['provider']}")
+                       f"top-1 agreement {variant_report['parity']['top1_agreement']:.1%} "
+                       f"on {variant_report['provider']}")
             if not variant_report["passed"]:
                 refused.append(f"{target}: refused, {summary}: accuracy drop above the bound of "
                                f"{100 * config.max_accuracy_drop:.1f} points (--max-accuracy-drop); not written")
@@ -221,7 +224,8 @@ def rebuild(checkpoint: dict, checkpoint_path: Path) -> nn.Module:
         # load_state_dict puts the useful part ("size mismatch for ...") on the lines after the first
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
         reason = " ".join(lines[:2])[:300]
-        raise ExportError(f"{checkpoint_path}: cannot rebuild the model ({checkpoint.get('arch')!r}): {reason}") from None
+        raise ExportError(f"{checkpoint_path}: cannot rebuild the model "
+                          f"({checkpoint.get('arch')!r}): {reason}") from None
     # A checkpoint with non-finite weights or batch-norm statistics (training never promotes one to
     # best.pt, but last.pt can be one) would export a model that answers NaN.
     if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()):
@@ -308,7 +312,8 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     return folded
 
 
-def export_graph(model: nn.Module, spec: PreprocessSpec, path: Path, opset: int = OPSET, uint8_nhwc: bool = False) -> None:
+def export_graph(model: nn.Module, spec: PreprocessSpec, path: Path, opset: int = OPSET,
+                 uint8_nhwc: bool = False) -> None:
     """Trace `softmax(model(x))` with a dynamic batch dimension and write it to `path`
     (with `uint8_nhwc`: `softmax(model(normalize(x)))` for uint8 N x S x S x 3 input `image`)."""
     if uint8_nhwc:
@@ -374,7 +379,8 @@ def check_graph(path: Path, spec: PreprocessSpec, classes: int, opset: int = OPS
     expected_type = onnx.TensorProto.UINT8 if uint8_nhwc else onnx.TensorProto.FLOAT
     if not isinstance(batch, str) or in_dims != expected_in or out_dims != [batch, classes] \
             or in_type != expected_type or out_type != onnx.TensorProto.FLOAT:
-        expected = f"uint8 [N, {spec.crop}, {spec.crop}, 3]" if uint8_nhwc else f"float32 [N, 3, {spec.crop}, {spec.crop}]"
+        expected = (f"uint8 [N, {spec.crop}, {spec.crop}, 3]" if uint8_nhwc
+                    else f"float32 [N, 3, {spec.crop}, {spec.crop}]")
         raise ExportError(f"{path.name}: graph signature is input {in_dims} -> output {out_dims}, "
                           f"expected {expected} -> float32 [N, {classes}] with N dynamic")
     versions = {o.domain or "ai.onnx": o.version for o in model.opset_import}
@@ -417,7 +423,7 @@ def variant_metadata(fp32: dict[str, str], precision: str, fp32_sha256: str, det
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def versions() -> dict[str, str]:
@@ -456,7 +462,8 @@ def spread_over(paths: list[Path], limit: int) -> list[Path]:
     return paths[:: max(1, len(paths) // limit)][:limit]
 
 
-def sample_inputs(spec: PreprocessSpec, samples_dir: Path | None, limit: int = 32, log: Log = print) -> tuple[np.ndarray, str]:
+def sample_inputs(spec: PreprocessSpec, samples_dir: Path | None, limit: int = 32,
+                  log: Log = print) -> tuple[np.ndarray, str]:
     """Real images when there are any (the given folder, else the training run's validation split),
     random inputs only as a last resort (said in the log and the report). Returns the batch and its source."""
     paths = spread_over(find_images(samples_dir), limit) if samples_dir is not None and samples_dir.is_dir() else []
@@ -503,7 +510,8 @@ def parity_report(model: nn.Module, onnx_path: Path, inputs: np.ndarray, source:
     }
 
 
-def agreement_at_batch_sizes(classifier: OnnxClassifier, inputs: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+def agreement_at_batch_sizes(classifier: OnnxClassifier, inputs: np.ndarray,
+                             expected: np.ndarray) -> tuple[float, float]:
     """Worst max |dp| and worst top-1 agreement with `expected` over PARITY_BATCH_SIZES."""
     worst, agreement = 0.0, 1.0
     for batch_size in PARITY_BATCH_SIZES:
@@ -546,7 +554,8 @@ def compare_variant(reference: Reference, path: Path, precision: str, max_drop: 
                    "batch_sizes": list(PARITY_BATCH_SIZES), "max_abs_diff": worst, "top1_agreement": agreement},
         "test": {"images": len(reference.test_y), "source": reference.test_source,
                  "fp32_top1": reference.test_top1, "top1": top1, "top1_delta": top1 - reference.test_top1,
-                 "top1_agreement": float((test_probabilities.argmax(1) == reference.test_probabilities.argmax(1)).mean()),
+                 "top1_agreement": float((test_probabilities.argmax(1)
+                                          == reference.test_probabilities.argmax(1)).mean()),
                  "max_abs_diff": float(np.abs(test_probabilities - reference.test_probabilities).max())},
         "max_accuracy_drop": max_drop,
         # a tiny epsilon: 0.5 - 0.49 is 0.010000000000000009 in floats
@@ -627,8 +636,13 @@ def quantize_int8(fp32_path: Path, out: Path, calibration_dir: Path, spec: Prepr
     Gemm (the classifier: a few thousand weights that decide the ranking; on the test model keeping
     it float raised top-1 agreement with fp32 from 92.5% to 94.5%); the softmax stays float, so
     probabilities keep their resolution."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     paths = spread_over(find_images(calibration_dir), count)
@@ -654,8 +668,8 @@ def quantize_int8(fp32_path: Path, out: Path, calibration_dir: Path, spec: Prepr
     prune_opset_imports(out)
     log(f"calibrated on {len(images)} images from {calibration_dir}")
     return {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ", "weights": "int8 per-channel",
-            "activations": "uint8", "quantized_ops": ["Conv", "Gemm"], "kept_float": classifier, "calibration": "MinMax",
-            "calibration_images": len(images), "calibration_source": str(calibration_dir)}
+            "activations": "uint8", "quantized_ops": ["Conv", "Gemm"], "kept_float": classifier,
+            "calibration": "MinMax", "calibration_images": len(images), "calibration_source": str(calibration_dir)}
 
 
 def prune_opset_imports(path: Path) -> None:

@@ -449,7 +449,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True,
                    help="folder (recursive), .txt/.csv manifest of image paths, an image, or - for paths on stdin")
     p.add_argument("--output", required=True, help=".jsonl or .csv file, one row per input")
-    p.add_argument("--format", choices=FORMATS, default=defaults["format"], help="output format (default: by extension)")
+    p.add_argument("--format", choices=FORMATS, default=defaults["format"],
+                   help="output format (default: by extension)")
     p.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="images per inference call")
     p.add_argument("--workers", type=int, default=defaults["workers"],
                    help="decode workers (local engine) or Ray actors (ray engine); default: one per core")

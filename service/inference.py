@@ -51,7 +51,8 @@ class ModelInfo:
         props = {k[len(METADATA_PREFIX):]: v for k, v in metadata.items() if k.startswith(METADATA_PREFIX)}
         missing = [key for key in ("name", "version", "arch", "labels", "preprocessing") if key not in props]
         if missing:
-            raise ModelLoadError(f"{source}: not a Keel model (ONNX metadata lacks {', '.join(METADATA_PREFIX + m for m in missing)})")
+            raise ModelLoadError(f"{source}: not a Keel model "
+                                 f"(ONNX metadata lacks {', '.join(METADATA_PREFIX + m for m in missing)})")
         return cls(
             name=props["name"], version=props["version"], arch=props["arch"],
             labels=tuple(json.loads(props["labels"])),

@@ -61,8 +61,21 @@ from service import jobs, v2
 from service.config import ServiceConfig, bentoml_tracing
 from service.engine import Engine
 from service.inference import (
-    CHEAP_INFERENCE_MS, CUDA, TENSORRT, ModelInfo, ModelLoadError, auto_workers, batch_buckets, container_cpus,
-    cpu_cost_ms, decode_on_loop, gpu_visible, read_model_info, resolve_model, select_providers, top_k,
+    CHEAP_INFERENCE_MS,
+    CUDA,
+    TENSORRT,
+    ModelInfo,
+    ModelLoadError,
+    auto_workers,
+    batch_buckets,
+    container_cpus,
+    cpu_cost_ms,
+    decode_on_loop,
+    gpu_visible,
+    read_model_info,
+    resolve_model,
+    select_providers,
+    top_k,
 )
 from service.preprocessing import ImageDecodeError, preprocess_bytes
 from service.uploads import TaskUploadGuard, UploadError, read_upload, replace_bentoml_timeout

@@ -96,7 +96,8 @@ def test_paths_are_confined_to_the_root(batch_root):
     assert {key for key, _ in items} >= {"images/star/00000.png", "images/linked.png", "images/corrupt.png"}
     assert refused == {"images/linked.png": "outside the batch root"}  # the symlinked file is never read
     items, refused = server_inputs(root, "list.txt")
-    assert [key for key, _ in items] == ["images/star/00000.png", "../outside/secret/00000.png", "images/ring/00001.png"]
+    assert [key for key, _ in items] == ["images/star/00000.png", "../outside/secret/00000.png",
+                                         "images/ring/00001.png"]
     assert refused == {"../outside/secret/00000.png": "outside the batch root"}
 
 

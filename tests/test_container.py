@@ -165,7 +165,8 @@ def test_container_runs_as_non_root_with_read_only_packages(container, image):
     assert processes and all(p == ["bentoml", str(USER_UID)] for p in processes), processes
     assert podman("exec", container.name, "id", "-u").stdout.strip() == str(USER_UID)
     # the service's user cannot change the installed packages it runs
-    site = podman("exec", container.name, "python", "-c", "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))")
+    site = podman("exec", container.name, "python", "-c",
+                  "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))")
     writable = podman("exec", container.name, "test", "-w", site.stdout.strip(), check=False)
     assert writable.returncode != 0
 

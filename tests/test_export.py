@@ -117,7 +117,8 @@ def _bad_checkpoints(tmp_path, trained_run):
     case("plain_state_dict", lambda p: torch.save(checkpoint["state_dict"], p), "not a Keel checkpoint")
     case("other_format", lambda p: torch.save({**checkpoint, "format": "other/1"}, p), "not a Keel checkpoint")
     case("unknown_arch", lambda p: torch.save({**checkpoint, "arch": "resnet9000"}, p), "unknown arch 'resnet9000'")
-    case("wrong_weights", lambda p: torch.save({**checkpoint, "model_args": {**checkpoint["model_args"], "width": 0.5}}, p),
+    case("wrong_weights",
+         lambda p: torch.save({**checkpoint, "model_args": {**checkpoint["model_args"], "width": 0.5}}, p),
          "size mismatch")
     not_a_folder = tmp_path / "a_file"
     not_a_folder.write_text("")

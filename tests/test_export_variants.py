@@ -86,7 +86,8 @@ def test_variants_are_self_describing_and_typed_as_claimed(variants, trained_run
             assert np.dtype(np.int8) in weights and "QuantizeLinear" in ops
             initializers = {t.name: t for t in model.graph.initializer}
             conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
-            dequantized = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in conv_weights]
+            dequantized = [n for n in model.graph.node
+                           if n.op_type == "DequantizeLinear" and n.output[0] in conv_weights]
             scales = [list(initializers[n.input[1]].dims) for n in dequantized]
             assert len(scales) == 5 and all(len(s) == 1 and s[0] > 1 for s in scales)  # one scale per output channel
 
@@ -131,7 +132,8 @@ def test_uint8_nhwc_input_graph_normalizes_inside(variants, shapes_data):
 
 def test_model_store_entry_holds_models_reports_and_metadata(variants, trained_run):
     folder, _, home = variants
-    show = ("import json, bentoml; from service.inference import resolve_model; m = bentoml.models.get('keel-variants:latest');"
+    show = ("import json, bentoml; from service.inference import resolve_model; "
+            "m = bentoml.models.get('keel-variants:latest');"
             "import os; print(json.dumps({'files': sorted(os.listdir(m.path)), 'metadata': m.info.metadata,"
             " 'labels': m.info.labels, 'path': m.path, 'resolved': str(resolve_model('keel-variants'))}))")
     result = run_python("-c", show, env={"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"})

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import tarfile
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 from tests.conftest import REPO, run_python
@@ -31,11 +31,13 @@ def test_serving_requirements_exclude_training_packages():
 
 def test_bentoml_build_holds_service_and_model(exported_model, tmp_path):
     env = {"BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True"}
-    register = f"from pathlib import Path; from export.onnx_export import save_to_bentoml; save_to_bentoml(Path({str(exported_model)!r}), 'keel-classifier')"
+    register = ("from pathlib import Path; from export.onnx_export import save_to_bentoml; "
+                f"save_to_bentoml(Path({str(exported_model)!r}), 'keel-classifier')")
     registered = run_python("-c", register, env=env)
     assert registered.returncode == 0, registered.stderr
     # KEEL_MODEL may name the model by tag: it resolves to the stored ONNX file
-    resolved = run_python("-c", "from service.inference import resolve_model; print(resolve_model('keel-classifier'))", env=env)
+    resolved = run_python("-c", "from service.inference import resolve_model; print(resolve_model('keel-classifier'))",
+                          env=env)
     assert resolved.returncode == 0 and resolved.stdout.strip().endswith("model.onnx"), resolved.stderr
     missing = run_python("-c", "from service.inference import resolve_model; resolve_model('no-such-model')", env=env)
     assert "neither an .onnx file nor in the BentoML model store" in missing.stderr

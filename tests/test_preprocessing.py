@@ -10,7 +10,13 @@ import pytest
 from PIL import Image
 
 from service.preprocessing import (
-    ImageDecodeError, PreprocessSpec, decode_image, find_images, preprocess, preprocess_bytes, resize_and_crop,
+    ImageDecodeError,
+    PreprocessSpec,
+    decode_image,
+    find_images,
+    preprocess,
+    preprocess_bytes,
+    resize_and_crop,
 )
 
 SPEC = PreprocessSpec(resize=64, crop=56, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -79,8 +85,8 @@ def test_every_mode_becomes_the_right_rgb(mode, fmt):
     image = original.convert(mode)
     decoded = decode_image(encode(image, fmt))
     assert decoded.mode == "RGB" and decoded.size == (20, 10)
-    expected = np.asarray(image.convert("RGB") if mode not in ("I;16", "I", "F") else original.convert("L").convert("RGB"),
-                          dtype=float)
+    expected = np.asarray(image.convert("RGB") if mode not in ("I;16", "I", "F")
+                          else original.convert("L").convert("RGB"), dtype=float)
     tolerance = 8 if fmt in ("JPEG", "WEBP") or mode in ("LAB", "YCbCr") else 1
     assert np.abs(np.asarray(decoded, dtype=float) - expected).max() <= tolerance, (mode, fmt)
 

@@ -27,7 +27,7 @@ import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +143,7 @@ def encode(image: Image.Image, fmt: str, **options) -> bytes:
     return buffer.getvalue()
 
 
-@lru_cache(maxsize=None)
+@cache
 def seeds() -> dict[str, bytes]:
     """One valid file per container format: the starting points for truncation and mutation."""
     image = picture()
@@ -155,7 +155,7 @@ def seeds() -> dict[str, bytes]:
     }
 
 
-@lru_cache(maxsize=None)
+@cache
 def unusual_but_valid() -> dict[str, bytes]:
     """Real images in modes and containers that trip naive pipelines: every one must classify (200)."""
     image = picture()
@@ -191,7 +191,7 @@ def png_claiming(width: int, height: int) -> bytes:
             + chunk(b"IEND", b""))
 
 
-@lru_cache(maxsize=None)
+@cache
 def huge_declared() -> dict[str, bytes]:
     """Headers that claim far more pixels than the data holds (decompression-bomb shapes): all 4xx."""
     jpeg = bytearray(seeds()["jpeg"])
@@ -250,7 +250,8 @@ def malformed_corpus() -> list[tuple[str, bytes, str | None]]:
         ("multipart with garbage in the file", *multipart([("image", "a.jpg", b"\x00" * 100)])),
         ("multipart with a truncated PNG", *multipart([("image", "a.png", seeds()["png"][:200])])),
         ("multipart with many files", *multipart([("image", f"{i}.jpg", good) for i in range(20)])),
-        ("multipart with 100 fields", *multipart([(f"f{i}", None, b"x") for i in range(100)] + [("image", "a.jpg", good)])),
+        ("multipart with 100 fields",
+         *multipart([(f"f{i}", None, b"x") for i in range(100)] + [("image", "a.jpg", good)])),
         ("multipart with a bomb", *multipart([("image", "a.png", huge_declared()["64-megapixel PNG bomb"])])),
         ("multipart, wrong boundary", multipart([("image", "a.jpg", good)])[0], "multipart/form-data; boundary=nope"),
         ("multipart, no closing boundary", multipart([("image", "a.jpg", good)])[0][:-30], multipart([])[1]),
@@ -293,7 +294,8 @@ def test_thousands_of_malformed_uploads_get_4xx_json_and_no_worker_dies(server, 
         name, body, content_type = item
         raw = send(f"{server.url}/classify", body, content_type)
         if content_type and content_type.startswith("image/") and body:  # the same file, the multipart way
-            return [(name, raw), (f"{name} (multipart)", send(f"{server.url}/classify", *multipart([("image", "f", body)])))]
+            return [(name, raw),
+                    (f"{name} (multipart)", send(f"{server.url}/classify", *multipart([("image", "f", body)])))]
         return [(name, raw)]
 
     with ThreadPoolExecutor(4) as pool:
@@ -421,7 +423,8 @@ def test_openapi_fuzz_finds_no_server_error_and_answers_match_the_schema(server,
         # Statuses and bodies are checked against Keel's own descriptions. BentoML generates the others'
         # and they cannot say what Keel answers (the batch task's 403 for a refused path, 413, 429), and
         # for its task endpoints require created_at/executed_at that its own /submit answer never has.
-        documented = [checks.status_code_conformance, checks.response_schema_conformance] if case.path in KEEL_API else []
+        documented = ([checks.status_code_conformance, checks.response_schema_conformance]
+                      if case.path in KEEL_API else [])
         case.call_and_validate(base_url=server.url, timeout=60,
                                checks=[checks.not_a_server_error, checks.content_type_conformance, *documented])
 
@@ -459,7 +462,8 @@ def test_soak_mixed_good_and_bad_load_no_errors_and_stable_memory(own_server, go
         rng = random.Random(index)
         while time.monotonic() < deadline:
             if rng.random() < 2 / 3:
-                answer = send(f"{own_server.url}/classify", *multipart([("image", "x.png", rng.choice(good_images)[1])]))
+                answer = send(f"{own_server.url}/classify",
+                              *multipart([("image", "x.png", rng.choice(good_images)[1])]))
                 ok = answer.status == 200 and len(answer.json()["predictions"]) == 5
                 kind = "good"
             else:
@@ -595,7 +599,7 @@ def test_checkpoint_killed_mid_write_leaves_the_last_one_loadable(tmp_path, trai
     )
     epochs, mid_write = [], 0
     rng = random.Random(0)
-    for attempt in range(3):
+    for _attempt in range(3):
         process = subprocess.Popen([sys.executable, "-c", writer, str(trained_run / "last.pt"), str(target)],
                                    cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, text=True)
         assert process.stdout.readline().strip(), "the writer never wrote"
@@ -623,8 +627,8 @@ def _malicious_checkpoint(path: Path, marker: Path) -> None:
 
 
 def test_malicious_checkpoint_is_refused_by_loader_export_and_resume(tmp_path, shapes_data):
-    from training.checkpoint import CheckpointError, load_checkpoint
     from tests.conftest import run_python
+    from training.checkpoint import CheckpointError, load_checkpoint
 
     evil, marker = tmp_path / "evil.pt", tmp_path / "pwned"
     _malicious_checkpoint(evil, marker)

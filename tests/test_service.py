@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from service.preprocessing import find_images
-from tests.test_training import REQUIRED_TEST_ACCURACY
 from tests.conftest import Server
+from tests.test_training import REQUIRED_TEST_ACCURACY
 
 
 def post(url: str, body: bytes, content_type: str, timeout: float = 30) -> tuple[int, dict]:

@@ -6,11 +6,19 @@ import numpy as np
 import pytest
 
 from service.config import ServiceConfig
-from tests.conftest import run_python
 from service.inference import (
-    CPU, CUDA, TENSORRT, ModelLoadError, OnnxClassifier, batch_buckets, cgroup_cpu_quota, container_cpus,
-    provider_options, select_providers,
+    CPU,
+    CUDA,
+    TENSORRT,
+    ModelLoadError,
+    OnnxClassifier,
+    batch_buckets,
+    cgroup_cpu_quota,
+    container_cpus,
+    provider_options,
+    select_providers,
 )
+from tests.conftest import run_python
 
 ALL = [TENSORRT, CUDA, CPU]
 

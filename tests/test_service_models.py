@@ -13,7 +13,7 @@ import pytest
 from service.inference import OnnxClassifier, top_k
 from service.preprocessing import find_images, preprocess_bytes
 from tests.conftest import Server
-from tests.test_service import classify_file, multipart, post
+from tests.test_service import classify_file, post
 
 
 def multipart_files(parts: list[tuple[str, str, bytes]], fields: dict[str, str] | None = None) -> tuple[bytes, str]:

@@ -86,4 +86,5 @@ def test_an_explosion_in_the_first_steps_is_caught_against_chance_level():
     monitor = DivergenceMonitor(max_skips=5, window=50, loss_factor=5.0, num_classes=10)
     assert monitor.observe(1, 2.30) is None and monitor.observe(2, 2.23) is None
     assert monitor.observe(3, 9.0) is None  # below 5 x ln(10) = 11.5
-    assert "above 5x" in monitor.observe(4, 2748.0)  # a first-steps blow-up, as in docs/stability.md (losses of 1e2-1e5 by step 5-6)
+    # a first-steps blow-up, as in docs/stability.md (losses of 1e2-1e5 by step 5-6)
+    assert "above 5x" in monitor.observe(4, 2748.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,8 @@ def test_every_step_is_monitored_with_per_layer_norms_at_the_interval(trained_ru
     layers = list(layered[0]["layers"])
     assert layers[0] == "features.conv1" and layers[-1] == "classifier.fc3"  # input first; conv+BN as one
     # the per-layer norms are the pieces of the global norm measured at the same step
-    assert math.sqrt(sum(v * v for v in layered[0]["layers"].values())) == pytest.approx(layered[0]["grad_norm"], rel=1e-4)
+    assert (math.sqrt(sum(v * v for v in layered[0]["layers"].values()))
+            == pytest.approx(layered[0]["grad_norm"], rel=1e-4))
 
 
 def test_checkpoint_is_self_describing(trained_run, shapes_data):
@@ -123,7 +125,7 @@ def test_checkpoint_write_is_atomic(tmp_path, trained_run):
     good = load_checkpoint(trained_run / "last.pt")
     save_checkpoint(target, good)
     before = target.read_bytes()
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.PicklingError):
         save_checkpoint(target, {**good, "unpicklable": lambda: None})
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

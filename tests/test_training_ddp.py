@@ -23,7 +23,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def torchrun(data: Path, out: Path, *flags: str):
     return run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training",
-                      "--data", str(data), "--out", str(out), "--width", "0.125", "--image-size", "64", "--resize", "64",
+                      "--data", str(data), "--out", str(out), "--width", "0.125",
+                      "--image-size", "64", "--resize", "64",
                       "--batch-size", str(BATCH), "--workers", "0", "--lr", "0.01", *flags,
                       env={"OMP_NUM_THREADS": "1"}, timeout=240)
 

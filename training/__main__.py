@@ -31,8 +31,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe")
     recipe_path = pre.parse_known_args(argv)[0].recipe
-    parser = argparse.ArgumentParser(prog="python -m training", description="Train an image classifier on an ImageFolder tree.")
-    parser.add_argument("--recipe", metavar="YAML", help="a file of TrainConfig fields (training/recipes/); flags override it")
+    parser = argparse.ArgumentParser(prog="python -m training",
+                                     description="Train an image classifier on an ImageFolder tree.")
+    parser.add_argument("--recipe", metavar="YAML",
+                        help="a file of TrainConfig fields (training/recipes/); flags override it")
     try:
         recipe = load_recipe(recipe_path) if recipe_path else {}
     except (OSError, ValueError) as exc:
@@ -40,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-        default = None if required else (field.default if field.default is not dataclasses.MISSING else field.default_factory())
+        default = None if required else (field.default if field.default is not dataclasses.MISSING
+                                         else field.default_factory())
         options: dict = {"dest": field.name, "required": required and field.name not in recipe}
         if field.name == "arch":
             options.update(choices=sorted(MODELS), default=default)

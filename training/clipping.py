@@ -30,7 +30,8 @@ def clip_gradients(model: nn.Module, mode: str, threshold: float, num_classes: i
 
 
 @torch.no_grad()
-def clip_gradients_(model: nn.Module, mode: str, threshold: float, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_gradients_(model: nn.Module, mode: str, threshold: float,
+                    num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`clip_gradients` without a host sync: (norm, clipped) come back as 0-d tensors on the device.
 
     The training step reads them together with the loss in one transfer, so a CUDA step waits

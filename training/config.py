@@ -42,10 +42,10 @@ class TrainConfig:
     layer_norms_every: int = 25  # steps between per-layer gradient norms in steps.jsonl; 0 turns them off
     workers: int = 2  # data-loading processes; 0 loads in the training process
     seed: int = 0  # initialisation, data order and augmentation
-    device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"; under torchrun each process takes cuda:LOCAL_RANK
-    precision: str = "auto"  # "auto" (bf16 on CUDA when supported, else fp16 with loss scaling; fp32 on CPU), "fp32", "bf16", "fp16"
+    device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda"; under torchrun each process uses cuda:LOCAL_RANK
+    precision: str = "auto"  # "auto" (bf16 if supported, else fp16 + loss scaling; fp32 on CPU), "fp32", "bf16", "fp16"
     channels_last: str = "auto"  # NHWC weights and images: "auto" (on CUDA only), "on", "off"
-    guard: bool = True  # skip non-finite steps and roll back divergence; off only to watch a run explode (training.study)
+    guard: bool = True  # skip non-finite steps, roll back divergence; off only to watch a run explode (training.study)
     resume: str = ""  # a run's last.pt: go on from it (same data, arch and schedule) to `epochs`
     model_args: dict = field(default_factory=dict)  # extra builder arguments, e.g. {"aux_logits": True}
 

@@ -21,7 +21,8 @@ def evaluate(model: nn.Module, loader, device, labels: list[str]) -> dict:
         loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         best = logits.topk(min(5, classes), dim=1).indices
         top5_hits += (best == targets[:, None]).any(dim=1).sum().item()
-        confusion += torch.bincount(targets.cpu() * classes + best[:, 0].cpu(), minlength=classes * classes).view(classes, classes)
+        confusion += torch.bincount(targets.cpu() * classes + best[:, 0].cpu(),
+                                    minlength=classes * classes).view(classes, classes)
         count += len(targets)
     per_class = confusion.diag().float() / confusion.sum(dim=1).clamp_min(1).float()
     return {
@@ -47,7 +48,8 @@ def plot_confusion(confusion: list[list[int]], labels: list[str], path: Path, ti
     if len(labels) <= 30:  # beyond that the numbers are unreadable; the colours still tell
         ax.set_xticks(range(len(labels)), labels, rotation=90)
         ax.set_yticks(range(len(labels)), labels)
-        for (row, col), value in zip(torch.cartesian_prod(torch.arange(len(labels)), torch.arange(len(labels))).tolist(),
+        for (row, col), value in zip(torch.cartesian_prod(torch.arange(len(labels)),
+                                                          torch.arange(len(labels))).tolist(),
                                      counts.flatten().tolist()):
             if value:
                 ax.text(col, row, int(value), ha="center", va="center", fontsize=7,

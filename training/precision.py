@@ -53,7 +53,7 @@ class Precision:
     scaler: torch.amp.GradScaler | None = None
 
     @classmethod
-    def create(cls, name: str, device: torch.device, init_scale: float = 2.0**16) -> "Precision":
+    def create(cls, name: str, device: torch.device, init_scale: float = 2.0**16) -> Precision:
         scaler = torch.amp.GradScaler(device.type, init_scale=init_scale) if name == "fp16" else None
         return cls(name, device, scaler)
 

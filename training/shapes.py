@@ -22,8 +22,8 @@ import argparse
 import json
 import math
 import os
-import shutil
 import secrets
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path

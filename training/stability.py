@@ -42,7 +42,8 @@ class DivergenceMonitor:
         if self.loss_factor > 0:
             # Until `warmup` losses are in, the median is too noisy to judge by; chance level is not
             # (a fresh network's loss is about ln(classes)), so an early explosion is caught as well.
-            reference = max(statistics.median(self.losses), self.floor) if len(self.losses) >= self.warmup else self.floor
+            reference = (max(statistics.median(self.losses), self.floor) if len(self.losses) >= self.warmup
+                         else self.floor)
             if loss > self.loss_factor * reference:
                 return f"loss {loss:.3g} above {self.loss_factor:g}x max(running median, ln(classes)) = {reference:.3g}"
         self.losses.append(loss)

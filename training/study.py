@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -90,7 +89,8 @@ def run_study(config: StudyConfig, data: Path, work: Path, figures: Path, jobs: 
         configs[name] = TrainConfig(
             data=str(data), out=str(out), width=config.width, image_size=config.image_size, resize=config.image_size,
             model_args={"dropout": 0.0}, epochs=config.epochs, batch_size=config.batch_size, optimizer="sgd",
-            lr=config.lr, warmup_epochs=0.0, weight_decay=5e-4, label_smoothing=0.0, clip_threshold=config.clip_threshold,
+            lr=config.lr, warmup_epochs=0.0, weight_decay=5e-4, label_smoothing=0.0,
+            clip_threshold=config.clip_threshold,
             min_crop_scale=config.min_crop_scale, workers=0, seed=config.seed, device="cpu",
             # every step: a blow-up takes 3-6 steps, and the heat map should show which layer led it
             layer_norms_every=1, **changes,
@@ -216,7 +216,8 @@ def recipe_result(arch: str, run: Path) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     config = json.loads((run / "config.json").read_text())
     seconds = sum(json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines())
-    return {"recipe": f"training/recipes/{arch}.yaml", "test_acc": summary["test_acc"], "test_top5": summary["test_top5"],
+    return {"recipe": f"training/recipes/{arch}.yaml", "test_acc": summary["test_acc"],
+            "test_top5": summary["test_top5"],
             "best_val_acc": summary["best_val_acc"], "epochs": config["epochs"], "width": config["width"],
             "image_size": config["image_size"], "skipped_steps": summary["stability"]["skipped_steps"],
             "rollbacks": summary["stability"]["rollbacks"], "grad_norm_max": summary["stability"]["grad_norm_max"],
@@ -245,9 +246,9 @@ def render(study: dict | None, recipes: dict | None, machine: str) -> str:
             "without warmup both AlexNets blow up at 0.5 and above (loss over 100 within 6 steps) and at 0.3 "
             "survive with a dead FC head (loss pinned at ln 10, chance accuracy), so 0.5 is the lowest rate that "
             "reliably explodes. Clipping by global norm did not rescue alexnet_bn there: at threshold 0.25 (healthy "
-            "runs' norms are 1-2) and learning rate 0.5 or 1.0, fc1 and fc2 (the head has no BN) went dead within 40 steps "
-            "with no loss spike for the guard to see; at 0.05 (learning rate 1.0) it learned, slowly (38.5% in 20 "
-            "epochs). AGC, which bounds each unit's step relative to its own weights, did rescue it. The "
+            "runs' norms are 1-2) and learning rate 0.5 or 1.0, fc1 and fc2 (the head has no BN) went dead within 40 "
+            "steps with no loss spike for the guard to see; at 0.05 (learning rate 1.0) it learned, slowly (38.5% in "
+            "20 epochs). AGC, which bounds each unit's step relative to its own weights, did rescue it. The "
             "measurements behind these choices are in `StudyConfig` (training/study.py).", "",
             "| set-up | final test accuracy | skipped steps | rollbacks | max grad norm | diverged |",
             "|---|---|---|---|---|---|",
@@ -256,7 +257,8 @@ def render(study: dict | None, recipes: dict | None, machine: str) -> str:
             accuracy = f"{r['test_acc']:.1%}" if r["test_acc"] is not None else "— (no model left)"
             norm = f"{r['grad_norm_max']:.3g}" if r["grad_norm_max"] is not None else "—"
             diverged = f"**yes**, step {r['steps']}: {r['error'].split(': ', 1)[-1]}" if r["diverged"] else "no"
-            lines.append(f"| {LABELS[name]} | {accuracy} | {r['skipped_steps']} | {r['rollbacks']} | {norm} | {diverged} |")
+            lines.append(f"| {LABELS[name]} | {accuracy} | {r['skipped_steps']} | {r['rollbacks']} | {norm} "
+                         f"| {diverged} |")
         lines += [
             "", "Chance is 10%. Max grad norm is the largest finite global norm before clipping. A run without the "
             "guard stops at the first non-finite loss or at a loss above 5x max(running median, ln(10)), the "
@@ -271,15 +273,16 @@ def render(study: dict | None, recipes: dict | None, machine: str) -> str:
         lines += ["## Accuracy at each recipe", "",
                   "Each architecture trained at its recipe (`training/recipes/<arch>.yaml`, CPU, small width) on "
                   "the full built-in shapes data set (`python -m training.shapes` defaults); test split accuracy "
-                  "of the best checkpoint. Reproduce: `python -m training.study --only-recipes` (or `--recipes ARCH ...` "
-                  "for some). Training minutes are wall time on the machine named above, one thread per run, while "
-                  "other jobs shared its cores: they show the relative cost, not a speed.", "",
-                  "| arch | recipe | width | image size | epochs | test top-1 | test top-5 | skipped | rollbacks | max grad norm | training minutes |",
+                  "of the best checkpoint. Reproduce: `python -m training.study --only-recipes` (or "
+                  "`--recipes ARCH ...` for some). Training minutes are wall time on the machine named above, one "
+                  "thread per run, while other jobs shared its cores: they show the relative cost, not a speed.", "",
+                  "| arch | recipe | width | image size | epochs | test top-1 | test top-5 | skipped | rollbacks "
+                  "| max grad norm | training minutes |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for arch, r in recipes.items():
-            lines.append(f"| `{arch}` | [{Path(r['recipe']).name}](../{r['recipe']}) | {r['width']} | {r['image_size']} | "
-                         f"{r['epochs']} | {r['test_acc']:.1%} | {r['test_top5']:.1%} | {r['skipped_steps']} | "
-                         f"{r['rollbacks']} | {r['grad_norm_max']:.3g} | {r['minutes']} |")
+            lines.append(f"| `{arch}` | [{Path(r['recipe']).name}](../{r['recipe']}) | {r['width']} | "
+                         f"{r['image_size']} | {r['epochs']} | {r['test_acc']:.1%} | {r['test_top5']:.1%} | "
+                         f"{r['skipped_steps']} | {r['rollbacks']} | {r['grad_norm_max']:.3g} | {r['minutes']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -340,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             study = run_study(config, data, work / "study", figures, args.jobs)
             (figures / "study.json").write_text(json.dumps(study, indent=2) + "\n")
         if not args.render and (args.recipes is not None or args.only_recipes):
-            shapes = ShapesConfig() if not args.quick else ShapesConfig(train_per_class=6, val_per_class=2, test_per_class=2)
+            shapes = (ShapesConfig() if not args.quick
+                      else ShapesConfig(train_per_class=6, val_per_class=2, test_per_class=2))
             data = generate_dataset(work / "data-full", shapes, progress=not args.quick, overwrite=True)
             recipes = run_recipes(data, work / "recipes", tuple(args.recipes or ARCHS)) if not args.quick else {}
             if recipes:  # merged into the earlier results, so architectures can be measured one at a time

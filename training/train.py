@@ -66,7 +66,8 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
     train_set = ImageFolder(data / "train", classes, spec, True, config.min_crop_scale)
     # Each process reads its own 1/world of every epoch's permutation (the same permutation in all
     # of them: DistributedSampler seeds it with seed + epoch); batch_size is per process.
-    sampler = (torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=config.seed, drop_last=True)
+    sampler = (torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=config.seed,
+                                                   drop_last=True)
                if world > 1 else None)
     train_loader = make_loader(train_set, config, True, sampler=sampler, rank=rank, pin=device.type == "cuda")
     val_loader = make_loader(ImageFolder(data / "val", classes, spec, False), config, False, pin=device.type == "cuda")
@@ -100,11 +101,13 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
         rng = state["rng_ranks"][rank] if world > 1 else state["rng"]
         torch.set_rng_state(rng["torch"])
         train_loader.generator.set_state(rng["loader"])
-        step, skipped, best_acc, first_epoch = state["step"], state["skipped_steps"], state["best_val_acc"], state["epoch"] + 1
+        step, skipped, best_acc, first_epoch = (state["step"], state["skipped_steps"], state["best_val_acc"],
+                                                state["epoch"] + 1)
         rollbacks, lr_scale = state["rollbacks"], state["lr_scale"]
         log(f"resuming from {config.resume} after epoch {state['epoch']}")
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(model,
+                                                          device_ids=[device.index] if device.type == "cuda" else None)
 
     # Only the first process writes: the logs hold exactly the epochs and steps behind the weights,
     # so a new run starts them afresh and a resumed one keeps what its checkpoint covers.
@@ -119,7 +122,8 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
                       config.layer_norms_every), guard=config.guard, world=world)
     trainer.step, trainer.skipped, trainer.rollbacks, trainer.lr_scale = step, skipped, rollbacks, lr_scale
     applied_steps = [r for r in kept_steps if not r["skipped"] and "rollback" not in r]
-    trainer.grad_norms, trainer.total_clipped = [r["grad_norm"] for r in applied_steps], sum(r["clipped"] for r in applied_steps)
+    trainer.grad_norms, trainer.total_clipped = ([r["grad_norm"] for r in applied_steps],
+                                                 sum(r["clipped"] for r in applied_steps))
     trainer.overflows = state.get("overflow_steps", 0) if state else 0
     module = trainer.module
 
@@ -129,7 +133,8 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
             sampler.set_epoch(epoch)
         started, loss_sum, seen = time.perf_counter(), 0.0, 0
         epoch_norms_from, clipped_before = len(trainer.grad_norms), trainer.total_clipped
-        progress = Progress(len(train_loader), f"epoch {epoch}/{config.epochs}", unit="steps", log_lines=0) if lead else None
+        progress = (Progress(len(train_loader), f"epoch {epoch}/{config.epochs}", unit="steps", log_lines=0)
+                    if lead else None)
         for images, targets in train_loader:
             if progress:
                 progress.update()
@@ -205,15 +210,18 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
         summary["rank_weight_digests"] = digests
     if find_images(data / "test"):  # the best checkpoint, once, on data it never selected on
         best = model_from_checkpoint(load_checkpoint(out / "best.pt")).to(device)
-        test = evaluate(best, make_loader(ImageFolder(data / "test", classes, spec, False), config, False), device, classes)
+        test = evaluate(best, make_loader(ImageFolder(data / "test", classes, spec, False), config, False),
+                        device, classes)
         summary.update(test_acc=test["acc"], test_top5=test["top5"], test_per_class_acc=test["per_class_acc"],
                        test_confusion=test["confusion"])
         plot_confusion(test["confusion"], classes, out / "confusion_test.png",
                        f"{config.arch}: test top-1 {test['acc']:.1%}, top-5 {test['top5']:.1%}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_history(history, out / "training.png")
-    plot_steps(out / "steps.jsonl", out / "steps.png", config.clip_threshold if config.clip in ("norm", "value") else None)
-    log(f"done: best val_acc {best_acc:.3f}" + (f", test_acc {summary['test_acc']:.3f}" if "test_acc" in summary else "")
+    plot_steps(out / "steps.jsonl", out / "steps.png",
+               config.clip_threshold if config.clip in ("norm", "value") else None)
+    log(f"done: best val_acc {best_acc:.3f}"
+        + (f", test_acc {summary['test_acc']:.3f}" if "test_acc" in summary else "")
         + f"; checkpoints in {out}")
     return summary
 
@@ -271,7 +279,8 @@ class Trainer:
             # its running median: the monitor's test) stops there, as there is no way back without the guard.
             diverging = self.monitor.observe(step, loss_value) if finite else "non-finite loss or gradient"
             if diverging:
-                self.steps_log.write(step=step, epoch=epoch, lr=lr, loss=loss_value if math.isfinite(loss_value) else None,
+                self.steps_log.write(step=step, epoch=epoch, lr=lr,
+                                     loss=loss_value if math.isfinite(loss_value) else None,
                                      grad_norm=grad_norm if math.isfinite(grad_norm) else None, clipped=was_clipped,
                                      skipped=False, diverged=diverging)
                 self.steps_log.flush()
@@ -279,8 +288,8 @@ class Trainer:
             precision.step(optimizer)
             self.grad_norms.append(grad_norm)
             self.total_clipped += was_clipped
-            self.steps_log.write(step=step, epoch=epoch, lr=lr, loss=loss_value, grad_norm=grad_norm, clipped=was_clipped,
-                                 skipped=False, **({"layers": layers} if layers else {}))
+            self.steps_log.write(step=step, epoch=epoch, lr=lr, loss=loss_value, grad_norm=grad_norm,
+                                 clipped=was_clipped, skipped=False, **({"layers": layers} if layers else {}))
             return loss_value
 
         # fp16 only: a finite loss with non-finite gradients is the loss scale overflowing, which the
@@ -305,20 +314,22 @@ class Trainer:
                 for buffer, saved in zip(self.module.buffers(), saved_buffers):
                     buffer.copy_(saved)
             if self.world == 1 or self.steps_log.file:
-                what = f"fp16 gradients overflowed (loss scale now {precision.scale:g})" if overflow else "non-finite loss or gradient"
+                what = (f"fp16 gradients overflowed (loss scale now {precision.scale:g})" if overflow
+                        else "non-finite loss or gradient")
                 print(f"\n  step {step}: {what}, step skipped", file=sys.stderr)
         # Divergence: back to the last good weights and optimizer state, at a lower learning rate.
         if diverging:
             self.rollbacks += 1
             if self.rollbacks > config.max_rollbacks:
                 self.steps_log.flush()
-                raise TrainingDiverged(f"training diverged at step {step} ({diverging}) after {config.max_rollbacks} rollbacks")
+                raise TrainingDiverged(f"training diverged at step {step} ({diverging}) "
+                                       f"after {config.max_rollbacks} rollbacks")
             self.lr_scale *= config.rollback_lr_factor
             restore(self.module, optimizer, self.good_state)
             self.monitor.reset()
             if self.world == 1 or self.steps_log.file:
-                print(f"\n  step {step}: {diverging}: rolled back to the last good state, learning rate x{self.lr_scale:g}",
-                      file=sys.stderr)
+                print(f"\n  step {step}: {diverging}: rolled back to the last good state, "
+                      f"learning rate x{self.lr_scale:g}", file=sys.stderr)
         if not finite or diverging:
             return None
         precision.step(optimizer)
@@ -336,7 +347,7 @@ class DistEnv:
         self.rank, self.world, self.device, self.backend = rank, world, device, backend
 
     @classmethod
-    def from_environment(cls, requested_device: str) -> "DistEnv":
+    def from_environment(cls, requested_device: str) -> DistEnv:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             return cls(0, 1, pick_device(requested_device), None)

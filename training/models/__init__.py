@@ -7,7 +7,7 @@ model -> builder, sharing `layers.ConvBNReLU`) and add its builder to MODELS.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
