@@ -40,8 +40,8 @@ def _cached(tmp_path_factory, name: str, sources: list[str], extra: str, make) -
             digest.update(path.read_bytes())
     folder = Path(CACHE) / f"{name}-{digest.hexdigest()[:16]}"
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel pytest runs wait for one maker
+    with open(folder.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel pytest runs of the same code wait for one maker
         if not (folder / ".done").exists():
             shutil.rmtree(folder, ignore_errors=True)
             make(folder)

@@ -125,7 +125,7 @@ def test_checkpoint_write_is_atomic(tmp_path, trained_run):
     good = load_checkpoint(trained_run / "last.pt")
     save_checkpoint(target, good)
     before = target.read_bytes()
-    with pytest.raises(pickle.PicklingError):
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # AttributeError: a local object, Python 3.11
         save_checkpoint(target, {**good, "unpicklable": lambda: None})
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
