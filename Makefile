@@ -28,7 +28,7 @@ SAMPLE_IMAGE := $(DATA)/test/star/00000.png
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: setup data train model serve test bento bench lock clean container-tools container container-run
+.PHONY: setup data train model serve test bento bench lock clean container-tools container container-run doctor
 
 setup: $(STAMP)
 
@@ -93,6 +93,12 @@ container-run:
 # QUICK=1: a smoke run of a few seconds per module into build/bench-quick/, leaving docs/ alone.
 bench: $(STAMP)
 	$(PY) -m benchmarks --model $(MODEL) --checkpoint $(RUN)/best.pt --data $(DATA) $(if $(QUICK),--quick)
+
+# What really runs where (service/doctor.py): onnxruntime's build and providers, the GPU, the CUDA/cuDNN
+# libraries and their files, and the provider a session on $(MODEL) (when it exists; KEEL_MODEL and
+# KEEL_MODELS win) really gets, with its speed. DOCTOR_ARGS="--json", "--device cuda", ...
+doctor: $(STAMP)
+	$(if $(wildcard $(MODEL)),KEEL_MODEL=$${KEEL_MODEL:-$(MODEL)}) $(PY) -m service.doctor $(DOCTOR_ARGS)
 
 # Refresh the pins of everything the direct requirements pull in (torch is pinned in train.txt).
 lock: $(STAMP)
