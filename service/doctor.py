@@ -412,7 +412,7 @@ def cuda_blockers(report: dict) -> list[str]:
         if gpu["cuda_visible_devices"] in ("", "-1"):
             reasons.append(f"CUDA_VISIBLE_DEVICES={gpu['cuda_visible_devices']!r} hides every GPU")
         else:
-            reasons.append("no GPU is visible: no /dev/nvidia* device nodes (in a container: docker run --gpus all, "
+            reasons.append("no GPU is visible (no /dev/nvidia* device nodes; in a container: docker run --gpus all, "
                            "or podman run --device nvidia.com/gpu=all with the NVIDIA Container Toolkit)")
     if not driver.get("loaded"):
         reasons.append(f"the CUDA driver library cannot be loaded ({driver.get('error')}): no NVIDIA driver here")
@@ -436,6 +436,9 @@ def diagnose(report: dict) -> tuple[int, str]:
     device, models, blockers = report["device"], report["models"], report["cuda_blockers"]
     if report.get("error") and report.get("error_kind") == "configuration":
         return EXIT_UNUSABLE, f"unusable: {report['error']}"
+    broken = [m["name"] for m in models if not m["finite"]]
+    if broken:
+        return EXIT_UNUSABLE, f"unusable: {', '.join(broken)} answers with non-finite probabilities here"
     providers = {m["provider"] for m in models}
     on_gpu = bool(providers) and providers <= {CUDA, TENSORRT}
     where = ", ".join(sorted(providers))
@@ -450,11 +453,11 @@ def diagnose(report: dict) -> tuple[int, str]:
     if device == "cpu":
         return EXIT_OK, "OK: KEEL_DEVICE=cpu, serving on the CPU"
     if on_gpu:
-        return EXIT_OK, f"OK: serving on the GPU ({where})"
+        return EXIT_OK, f"OK: serving on the GPU: {where}"
     if report["gpu"]["visible"] and CUDA in report["onnxruntime"]["providers"]:
         return EXIT_FALLBACK, ("a GPU is visible but the sessions fell back to the CPU, as the service would without "
                                "a word: " + (blockers[0] if blockers else "see onnxruntime's log above"))
-    return EXIT_OK, f"OK: serving on the CPU ({blockers[0] if blockers else 'CUDA is not offered here'})"
+    return EXIT_OK, f"OK: serving on the CPU: {blockers[0] if blockers else 'CUDA is not offered here'}"
 
 
 def doctor(device: str | None = None, model: str | None = None, seconds: float = 1.0,
@@ -544,7 +547,7 @@ def render(report: dict) -> str:
                                                               if m["batch_buckets"] else ""))
         for provider, options in m["provider_options"].items():
             keys = ("device_id", "cudnn_conv_algo_search", "cudnn_conv_use_max_workspace", "arena_extend_strategy",
-                    "do_copy_in_default_stream", "trt_fp16_enable")
+                    "do_copy_in_default_stream", "use_tf32", "trt_fp16_enable")
             row("", f"{provider}: " + ", ".join(f"{k}={options[k]}" for k in keys if k in options))
         row("warm-up", " | ".join(f"batch {k}: {v:.1f} ms" for k, v in m["warmup_ms"].items()))
         if "max_abs_diff_vs_cpu" in m:

@@ -12,7 +12,7 @@ import pytest
 
 from service import doctor
 from service.inference import CPU, CUDA, OnnxClassifier, gpu_visible
-from tests.conftest import run_python
+from tests.conftest import REPO, run_python
 
 NO_GPU = pytest.mark.skipif(gpu_visible(), reason="this machine shows a GPU; these tests are about one without")
 PROVIDER_LIBRARY = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
@@ -74,7 +74,7 @@ def test_on_this_cpu_machine_it_serves_on_the_cpu_and_says_why_not_cuda(no_keel_
     assert list(model["warmup_ms"]) == ["1", "8", "32"]
     assert [t["batch_size"] for t in model["throughput"]] == [1, 8, 32]
     assert all(t["images_per_s"] > 0 and t["calls"] >= 3 for t in model["throughput"])
-    assert report["exit_status"] == 0 and report["verdict"].startswith("OK: serving on the CPU (no GPU is visible")
+    assert report["exit_status"] == 0 and report["verdict"].startswith("OK: serving on the CPU: no GPU is visible")
 
 
 @NO_GPU
@@ -117,17 +117,48 @@ def test_unusable_settings_exit_2_naming_the_problem(env, message, monkeypatch, 
 
 def report_with(device: str, visible: bool, providers: list[str], blockers: list[str]) -> dict:
     return {"device": device, "cuda_blockers": blockers, "gpu": {"visible": visible},
-            "onnxruntime": {"providers": [CUDA, CPU]}, "models": [{"provider": p} for p in providers]}
+            "onnxruntime": {"providers": [CUDA, CPU]},
+            "models": [{"name": f"m{i}", "provider": p, "finite": p != "NaN"} for i, p in enumerate(providers)]}
 
 
 @pytest.mark.parametrize("device, visible, providers, blockers, status, verdict", [
-    ("auto", True, [CUDA], [], 0, "OK: serving on the GPU (CUDAExecutionProvider)"),
+    ("auto", True, [CUDA], [], 0, "OK: serving on the GPU: CUDAExecutionProvider"),
     ("auto", True, [CPU], ["libcudnn.so.9 cannot be loaded"], 1, "fell back to the CPU, as the service would"),
-    ("auto", False, [CPU], ["no GPU is visible"], 0, "OK: serving on the CPU (no GPU is visible)"),
+    ("auto", False, [CPU], ["no GPU is visible"], 0, "OK: serving on the CPU: no GPU is visible"),
     ("cuda", True, [CUDA, CUDA], [], 0, "OK: KEEL_DEVICE=cuda and every session runs on CUDAExecutionProvider"),
     ("cuda", True, [], ["a", "b"], 2, "CUDA cannot be used: a (and 1 more"),
     ("cpu", True, [CPU], [], 0, "OK: KEEL_DEVICE=cpu"),
+    ("auto", True, [CUDA, "NaN"], [], 2, "unusable: m1 answers with non-finite probabilities here"),
 ])
 def test_the_verdict_and_exit_status(device, visible, providers, blockers, status, verdict):
     code, text = doctor.diagnose(report_with(device, visible, providers, blockers))
     assert code == status and verdict in text
+
+
+@pytest.mark.slow
+def test_inside_a_bento_it_reads_the_model_from_the_bentos_own_store(exported_model, tmp_path):
+    """What `python -m service.doctor` meets in the container image: KEEL_MODEL=keel-classifier:latest (the
+    Bento's setting), BENTO_PATH set and an empty BENTOML_HOME. It must find the model in the Bento, as
+    `bentoml serve` does; docs/deployment.md's command, without podman."""
+    import os
+    import subprocess
+    import sys
+
+    home = {"BENTOML_HOME": str(tmp_path / "build-home"), "BENTOML_DO_NOT_TRACK": "True"}
+    register = ("from pathlib import Path; from export.onnx_export import save_to_bentoml; "
+                f"save_to_bentoml(Path({str(exported_model)!r}), 'keel-classifier')")
+    assert run_python("-c", register, env=home).returncode == 0
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    built = subprocess.run([bentoml, "build"], cwd=REPO, env={**os.environ, **home}, capture_output=True, text=True,
+                           timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    [bento] = [p for p in (tmp_path / "build-home" / "bentos" / "keel").iterdir() if p.is_dir()]
+    image_env = {"KEEL_MODEL": "keel-classifier:latest", "BENTOML_HOME": str(tmp_path / "image-home"),
+                 "BENTO_PATH": str(bento), "KEEL_DEVICE": "cpu"}
+    result = run_python("-m", "service.doctor", "--json", "--seconds", "0.05", env=image_env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    [model] = json.loads(result.stdout)["models"]
+    assert model["model_name"] == "keel-test" and model["origin"] == "KEEL_MODEL keel-classifier:latest"
+    assert Path(model["path"]).is_relative_to(bento / "models")
+    outside = run_python("-m", "service.doctor", env={**image_env, "BENTO_PATH": ""})
+    assert outside.returncode == 2 and "neither an .onnx file nor in the BentoML model store" in outside.stdout
