@@ -104,10 +104,11 @@ doctor: $(STAMP)
 # Keel's CUDA path end to end on one GPU (benchmarks/gpu_check.py): docs/gpu.md and docs/gpu.json, in under
 # 8 minutes on an H100. No venv needed on the GPU host: GPU_PYTHON is a python3 with torch (CUDA) and the
 # serving packages (source .gpu/bin/install.sh, see docs/gpu.md). DRY=1: the same stages on the CPU, tiny,
-# into build/gpu-check-dry/.
+# into build/gpu-check-dry/. GPU_CHECK_ARGS: more options, e.g. "--budget 360" or "--only service".
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
 gpu-check:
-	$(GPU_PYTHON) -m benchmarks.gpu_check $(if $(DRY),--dry-run)
+	$(GPU_PYTHON) -m benchmarks.gpu_check $(if $(DRY),--dry-run) $(GPU_CHECK_ARGS)
 
 # Refresh the pins of everything the direct requirements pull in (torch is pinned in train.txt).
 lock: $(STAMP)

@@ -173,6 +173,10 @@ class Orchestrator:
             previous = self.out / f"{NAME}.json"
             if previous.is_file():
                 self.results["stages"] = json.loads(previous.read_text()).get("stages", {})
+            self.results["only"] = self.stages
+            for saved in sorted((self.work / "stages").glob("*.json")):  # and the environment they set up
+                if saved.stem not in self.stages:
+                    self.env.update(json.loads(saved.read_text()).get("env", {}))
         elif self.work.is_dir() and any(self.work.iterdir()):
             if not (self.work / "stages").is_dir():  # never empty a folder this script did not make
                 print(f"gpu_check: {self.work} is not empty and not a gpu_check work folder", file=sys.stderr)
@@ -1020,6 +1024,9 @@ def render(results: dict, plots: list[str]) -> str:
     lines += [f"Everything on this page comes from one run of `{results['command']}` (`{results['argv']}`), on "
               f"{results['date']}, commit `{results['commit']}`: {results.get('elapsed_s', 0):.0f} s of a "
               f"{results['config']['budget_s']:.0f} s budget. The JSON beside it (`gpu.json`) has every number.", ""]
+    if results.get("only"):
+        lines[-2:-1] = [lines[-2] + f" That run was of {', '.join(results['only'])} only (`--only`); the other "
+                                    "stages are from the run before it, on the same machine's work folder."]
     lines += machine_lines(env)
     lines += ["", "## Checks", "", "| stage | check | result | detail |", "|---|---|---|---|"]
     for stage in STAGES:
