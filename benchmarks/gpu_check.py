@@ -31,6 +31,7 @@ Exit status: 0 every stage ran and no check failed, 1 otherwise, 2 no CUDA GPU w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -298,23 +299,13 @@ def stop_tree(process: subprocess.Popen) -> None:
     except psutil.Error:
         family = []
     for member in family:
-        with _quiet():
+        with contextlib.suppress(psutil.Error):  # gone meanwhile
             member.send_signal(signal.SIGTERM)
     _, alive = psutil.wait_procs(family, timeout=15)
     for member in alive:
-        with _quiet():
+        with contextlib.suppress(psutil.Error):
             member.kill()
     process.wait()
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, traceback_):
-        import psutil
-
-        return kind is not None and issubclass(kind, psutil.Error)
 
 
 # --- one stage, in its own process ------------------------------------------------------------------------------

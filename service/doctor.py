@@ -341,7 +341,8 @@ def configured_models(config: ServiceConfig, override: str | None, scratch: Path
         return [(BUILTIN_NAME, builtin_graph(scratch / "keel-doctor.onnx"),
                  "built-in test graph (neither KEEL_MODEL nor KEEL_MODELS is set)")]
     use_bento_model_store()
-    return [(name, resolve_model(reference), f"{origin} {reference}") for name, reference in refs]
+    return [(name, resolve_model(reference), f"{origin} {name + '=' if name else ''}{reference}")
+            for name, reference in refs]
 
 
 def use_bento_model_store() -> None:
