@@ -143,6 +143,7 @@ def test_inside_a_bento_it_reads_the_model_from_the_bentos_own_store(exported_mo
     import os
     import subprocess
     import sys
+    import tarfile
 
     home = {"BENTOML_HOME": str(tmp_path / "build-home"), "BENTOML_DO_NOT_TRACK": "True"}
     register = ("from pathlib import Path; from export.onnx_export import save_to_bentoml; "
@@ -152,7 +153,14 @@ def test_inside_a_bento_it_reads_the_model_from_the_bentos_own_store(exported_mo
     built = subprocess.run([bentoml, "build"], cwd=REPO, env={**os.environ, **home}, capture_output=True, text=True,
                            timeout=300)
     assert built.returncode == 0, built.stdout + built.stderr
-    [bento] = [p for p in (tmp_path / "build-home" / "bentos" / "keel").iterdir() if p.is_dir()]
+    # the Bento as an image holds it: exported with its models (a Bento in the local store only refers to them)
+    archive = tmp_path / "keel.bento"
+    exported = subprocess.run([bentoml, "export", "keel:latest", str(archive)], cwd=REPO,
+                              env={**os.environ, **home}, capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    bento = tmp_path / "bento"
+    with tarfile.open(archive) as bundle:
+        bundle.extractall(bento, filter="data")
     image_env = {"KEEL_MODEL": "keel-classifier:latest", "BENTOML_HOME": str(tmp_path / "image-home"),
                  "BENTO_PATH": str(bento), "KEEL_DEVICE": "cpu"}
     result = run_python("-m", "service.doctor", "--json", "--seconds", "0.05", env=image_env)
