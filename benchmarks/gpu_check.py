@@ -953,6 +953,7 @@ def make_plots(results: dict, folder: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     stages, made = results["stages"], []
     folder.mkdir(parents=True, exist_ok=True)
@@ -973,8 +974,10 @@ def make_plots(results: dict, folder: Path) -> list[str]:
         left.set(title="In-process images/s per batch size", xlabel="batch size", ylabel="images/s", xscale="log")
         right.set(title="ms per batch", xlabel="batch size", ylabel="ms", xscale="log", yscale="log")
         sizes = sorted({r["batch_size"] for data in variants.values() for r in data["rows"]})
+        left.set_ylim(bottom=0)
         for axis in (left, right):
             axis.set_xticks(sizes, [str(n) for n in sizes])
+            axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             axis.grid(alpha=0.3)
             axis.legend(fontsize=7)
         fig.tight_layout()
@@ -994,8 +997,12 @@ def make_plots(results: dict, folder: Path) -> list[str]:
         left.set(title="requests/s", xlabel="concurrent clients", xscale="log")
         right.set(title="p99 latency (ms)", xlabel="concurrent clients", xscale="log", yscale="log")
         levels = sorted({r["concurrency"] for server in servers.values() for r in server["levels"]})
+        top = max([service["pipeline"]["images_per_s"]["median"]]
+                  + [r["throughput"]["max"] for server in servers.values() for r in server["levels"]])
+        left.set_ylim(0, top * 1.15)
         for axis in (left, right):
             axis.set_xticks(levels, [str(n) for n in levels])
+            axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             axis.grid(alpha=0.3)
             axis.legend(fontsize=7)
         fig.tight_layout()
