@@ -28,7 +28,8 @@ SAMPLE_IMAGE := $(DATA)/test/star/00000.png
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: setup data train model serve test bento bench lock clean container-tools container container-run
+.PHONY: setup data train model serve test bento bench lock clean container-tools container container-run doctor \
+	gpu-check
 
 setup: $(STAMP)
 
@@ -93,6 +94,21 @@ container-run:
 # QUICK=1: a smoke run of a few seconds per module into build/bench-quick/, leaving docs/ alone.
 bench: $(STAMP)
 	$(PY) -m benchmarks --model $(MODEL) --checkpoint $(RUN)/best.pt --data $(DATA) $(if $(QUICK),--quick)
+
+# What really runs where (service/doctor.py): onnxruntime's build and providers, the GPU, the CUDA/cuDNN
+# libraries and their files, and the provider a session on $(MODEL) (when it exists; KEEL_MODEL and
+# KEEL_MODELS win) really gets, with its speed. DOCTOR_ARGS="--json", "--device cuda", ...
+doctor: $(STAMP)
+	$(if $(wildcard $(MODEL)),KEEL_MODEL=$${KEEL_MODEL:-$(MODEL)}) $(PY) -m service.doctor $(DOCTOR_ARGS)
+
+# Keel's CUDA path end to end on one GPU (benchmarks/gpu_check.py): docs/gpu.md and docs/gpu.json, in under
+# 8 minutes on an H100. No venv needed on the GPU host: GPU_PYTHON is a python3 with torch (CUDA) and the
+# serving packages (source .gpu/bin/install.sh, see docs/gpu.md). DRY=1: the same stages on the CPU, tiny,
+# into build/gpu-check-dry/. GPU_CHECK_ARGS: more options, e.g. "--budget 360" or "--only service".
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.gpu_check $(if $(DRY),--dry-run) $(GPU_CHECK_ARGS)
 
 # Refresh the pins of everything the direct requirements pull in (torch is pinned in train.txt).
 lock: $(STAMP)

@@ -198,6 +198,22 @@ def test_container_reports_its_provider(container):
     assert metadata["name"] == "keel-test" and len(metadata["labels"]) == 10
 
 
+def test_the_doctor_runs_in_the_image(image):
+    """docs/deployment.md's `python -m service.doctor` in the image: the Bento's model by its tag, the
+    provider it really gets here, and every CUDA/cuDNN library the CUDA provider needs loading from the
+    image's own wheels, all but the driver's libcuda, which a GPU host brings."""
+    result = podman("run", "--rm", "--entrypoint", "python", "-w", "/home/bentoml/bento/src", image,
+                    "-m", "service.doctor", "--json", "--seconds", "0.1", check=False, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    [model] = report["models"]
+    gpu = Path("/dev/nvidiactl").exists()
+    assert model["model_name"] == "keel-test" and model["origin"] == "KEEL_MODEL keel-classifier:latest"
+    assert model["provider"] == ("CUDAExecutionProvider" if gpu else "CPUExecutionProvider")
+    missing = [lib["name"] for lib in report["cuda_libraries"]["libraries"] if not lib["loaded"]]
+    assert missing == ([] if gpu else ["libcuda.so.1"]), report["cuda_libraries"]
+
+
 def test_container_stops_cleanly_on_sigterm(container):
     """Last in this module: stops the shared container."""
     assert container.ready_after is not None

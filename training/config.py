@@ -45,6 +45,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda"; under torchrun each process uses cuda:LOCAL_RANK
     precision: str = "auto"  # "auto" (bf16 if supported, else fp16 + loss scaling; fp32 on CPU), "fp32", "bf16", "fp16"
     channels_last: str = "auto"  # NHWC weights and images: "auto" (on CUDA only), "on", "off"
+    deterministic: bool = False  # CUDA: deterministic kernels, no cuDNN autotuning (bit-identical reruns, slower)
     guard: bool = True  # skip non-finite steps, roll back divergence; off only to watch a run explode (training.study)
     resume: str = ""  # a run's last.pt: go on from it (same data, arch and schedule) to `epochs`
     model_args: dict = field(default_factory=dict)  # extra builder arguments, e.g. {"aux_logits": True}

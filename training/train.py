@@ -55,7 +55,15 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
     precision = Precision.create(resolve_precision(config.precision, device), device)
     channels_last = resolve_channels_last(config.channels_last, device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels once
+        # Fixed input size: let cuDNN time its kernels once and keep the fastest. --deterministic instead asks
+        # for bit-identical reruns (and resumptions that end where the uninterrupted run does): that timing
+        # can pick different kernels in two processes, and some kernels add with atomics in any order. Ops
+        # with no deterministic kernel warn (warn_only). CPU runs are deterministic already.
+        if config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for reproducibility
+        torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
+        torch.backends.cudnn.benchmark = not config.deterministic
+        torch.backends.cudnn.deterministic = config.deterministic
     out = Path(config.out)
     if lead:
         out.mkdir(parents=True, exist_ok=True)
