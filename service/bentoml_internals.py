@@ -4,10 +4,11 @@ yet reported upstream are written up, ready to file, in docs/upstream.md. tests/
 checks that each behaviour worked around is still there, so an upgrade that fixes one fails a test
 and its workaround can go.
 
-1. CorkDispatcher: BentoML's adaptive batcher, run per model inside Keel's engine (service/engine.py).
-   BentoML offers it only behind `@bentoml.api(batchable=True)`, one batcher per endpoint and
-   service; Keel batches per model, across endpoints (/classify, /classify_batch, /v2, the task).
-   Not reported upstream: a request for a public batcher, see docs/upstream.md.
+1. `adaptive_batcher`: BentoML's adaptive batcher (CorkDispatcher), run per model inside Keel's engine
+   (service/engine.py). BentoML offers it only behind `@bentoml.api(batchable=True)`, one batcher per
+   endpoint and service; Keel batches per model, across endpoints (/classify, /classify_batch, /v2,
+   the task). docs/upstream.md, "A public adaptive batcher". Keel adds one thing, which reads the
+   dispatcher's private queue and slot: an idle batcher runs a request at once.
 2. `bentoml_tracing()`: BentoML makes OpenTelemetry spans for every request even when no exporter is
    configured and its sample rate of 0 drops them all; without an exporter, Keel excludes every URL.
    docs/upstream.md, "Spans made when no exporter is configured".
@@ -36,15 +37,46 @@ have neither.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import bentoml
-from bentoml._internal.marshal.dispatcher import CorkDispatcher as CorkDispatcher  # 1. (re-exported)
+from bentoml._internal.marshal.dispatcher import CorkDispatcher  # 1.
 from bentoml._internal.server.http import traffic as _traffic  # 3.
 from pydantic import BaseModel
+
+T, R = typing.TypeVar("T"), typing.TypeVar("R")
+
+# --- 1. the adaptive batcher ----------------------------------------------------------------------------
+
+
+def adaptive_batcher(run: Callable[[Sequence[T]], Awaitable[Sequence[R]]], max_latency_ms: int, max_batch_size: int,
+                     shed: Callable[[], R]) -> Callable[[T], Awaitable[R]]:
+    """`run` (a batch of requests -> their answers, in order) behind BentoML's adaptive batcher: each
+    call submits one request (a batch of images counts its images) and returns its answer.
+
+    The batcher learns how long a batch of n takes, holds requests back while the oldest can still
+    wait for company within `max_latency_ms`, and sheds (`shed()`) what cannot make it. One thing is
+    added: a request that finds the batcher idle (nothing queued, no batch running) runs at once,
+    holding the batcher's one-batch-at-a-time slot, so that requests arriving meanwhile queue and are
+    batched behind it as ever. A lone request then skips the dispatcher's own round of hand-offs
+    between event-loop tasks, which at one client was most of what batching cost in latency."""
+    dispatcher = CorkDispatcher(max_latency_ms, max_batch_size, fallback=shed, get_batch_size=len, batch_dim=(0, 0))
+    batched = dispatcher(run)
+
+    async def submit(request: T) -> R:
+        if not dispatcher._queue and dispatcher._sema.acquire():
+            try:
+                return (await run([request]))[0]
+            finally:
+                dispatcher._sema.release()
+        return await batched(request)
+
+    return submit
+
 
 # --- 2. tracing ------------------------------------------------------------------------------------------
 
@@ -110,31 +142,54 @@ GUARDED_INPUT = "keel.input"  # ASGI scope key: the method's arguments, as Reque
 
 
 def guarded_api(*, route: str, output: type[BaseModel]) -> Callable:
-    """`@bentoml.api(route=route)` for a method whose arguments RequestGuard has read already.
+    """`@bentoml.api(route=route)` for a method whose arguments RequestGuard has read already, and whose
+    answer is an `output` (or an error Response).
 
     The input model is BentoML's own, inferred from the method's signature as `@bentoml.api` does, so
     /docs.json, /schema.json and BentoML's clients describe and send exactly these arguments (a
-    parameter typed ImageFile, or a list of them, is a multipart file field). Only reading the
-    request is Keel's: `from_http_request` takes the arguments the guard left in the ASGI scope
-    instead of parsing the body again (which BentoML would do into temporary files, after the guard
-    has read it, at twice the cost)."""
+    parameter typed ImageFile, or a list of them, is a multipart file field), and `output` describes
+    the answer. Only the two ends are Keel's: `from_http_request` takes the arguments the guard left
+    in the ASGI scope instead of parsing the body again (which BentoML would do into temporary files,
+    after the guard has read it), and the answer goes out as the JSON pydantic writes for it, as a
+    Response BentoML passes through. BentoML's own way with both (validating the arguments again,
+    then an input model whose fields it reads through pydantic's deprecated instance attribute; the
+    answer through its serde into a streamed response) cost more per request than the rest of its
+    dispatch (docs/benchmarks.md, *Design decisions*)."""
     from _bentoml_sdk.io_models import IODescriptor
+    from starlette.responses import Response
 
     from service.uploads import ImageFile
 
     def decorate(method):
         inferred = IODescriptor.from_input(method, skip_self=True)
+        fields = dict(inferred.model_fields)
 
         async def from_http_request(cls, request, serde):
-            return cls.model_construct(**request.scope[GUARDED_INPUT])
+            return Arguments(fields, request.scope[GUARDED_INPUT])
 
         spec = type("Input", (inferred,), {"__module__": method.__module__,
                                            "from_http_request": classmethod(from_http_request)})
-        spec.multipart_fields = [name for name, field in inferred.model_fields.items()
-                                 if _mentions(field.annotation, ImageFile)]
-        return bentoml.api(route=route, input_spec=spec, output_spec=output)(method)
+        spec.multipart_fields = [name for name, field in fields.items() if _mentions(field.annotation, ImageFile)]
+
+        @functools.wraps(method)
+        async def endpoint(self, *args, **kwargs):
+            answer = await method(self, *args, **kwargs)
+            if isinstance(answer, BaseModel):
+                return Response(answer.model_dump_json(), media_type="application/json")
+            return answer
+
+        return bentoml.api(route=route, input_spec=spec, output_spec=output)(endpoint)
 
     return decorate
+
+
+class Arguments:
+    """An endpoint's arguments as BentoML's dispatch reads its input model: the names in
+    `model_fields`, each value an attribute."""
+
+    def __init__(self, model_fields: dict, values: dict):
+        self.model_fields = model_fields
+        self.__dict__.update(values)
 
 
 def _mentions(annotation, cls: type) -> bool:

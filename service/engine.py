@@ -1,9 +1,10 @@
 """The inference engine inside each HTTP worker: one ONNX Runtime session per served model, each
 behind BentoML's adaptive batcher.
 
-The batcher is BentoML's own `CorkDispatcher`, the algorithm behind `@bentoml.api(batchable=True)`:
-it learns how long a batch of n takes, waits for more requests only while that keeps within
-`max_latency_ms`, and sheds (503) what cannot make it. Keel runs it in the HTTP worker instead of
+The batcher is BentoML's own `CorkDispatcher`, the algorithm behind `@bentoml.api(batchable=True)`
+(bentoml_internals.adaptive_batcher): it learns how long a batch of n takes, waits for more requests
+only while that keeps within `max_latency_ms`, and sheds (503) what cannot make it; a request that
+finds it idle runs at once. Keel runs it in the HTTP worker instead of
 behind a second BentoML service because that service boundary is an HTTP hop with pickled tensors
 per request, which on the CPU cost more than inference itself (docs/benchmarks.md, *Design
 decisions*). The price: each HTTP worker (KEEL_WORKERS) holds its own sessions.
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import prometheus_client
 
-from service.bentoml_internals import CorkDispatcher
+from service.bentoml_internals import adaptive_batcher
 from service.errors import EngineUnavailable
 from service.inference import ModelLoadError, OnnxClassifier, batch_buckets
 
@@ -123,17 +124,15 @@ class Engine:
 
         if self.options.max_batch_size == 1:  # KEEL_MAX_BATCH_SIZE=1: batching off, each request on its own
             return predict
-        dispatcher = CorkDispatcher(self.options.max_latency_ms, self.options.max_batch_size, fallback=_shed,
-                                    get_batch_size=len, batch_dim=(0, 0))
         observe = self.batch_sizes.labels(model=model).observe
 
         async def run(requests: Sequence[np.ndarray]) -> list[np.ndarray]:
             sizes = [len(r) for r in requests]
             observe(sum(sizes))
-            probabilities = await predict(np.concatenate(requests))
-            return np.split(probabilities, np.cumsum(sizes)[:-1])
+            probabilities = await predict(requests[0] if len(requests) == 1 else np.concatenate(requests))
+            return np.split(probabilities, np.cumsum(sizes)[:-1]) if len(requests) > 1 else [probabilities]
 
-        return dispatcher(run)
+        return adaptive_batcher(run, self.options.max_latency_ms, self.options.max_batch_size, _shed)
 
     def describe(self, model: str) -> dict:
         """What `model`'s session really runs on, for /metadata."""

@@ -241,6 +241,28 @@ def test_handlers_take_the_state_explicitly(keel):
     asyncio.run(calls())
 
 
+def test_a_lone_request_runs_at_once_and_concurrent_ones_are_batched(keel):
+    from service.engine import batch_size_histogram
+
+    def totals() -> tuple[float, float]:
+        samples = {s.name: s.value for metric in batch_size_histogram(4).collect() for s in metric.samples
+                   if s.labels.get("model") == "keel-tiny"}
+        return samples.get("keel_batch_size_sum", 0.0), samples.get("keel_batch_size_count", 0.0)
+
+    async def calls() -> None:
+        before = totals()
+        await api.classify(keel, ImageFile("a.png", picture("star")))  # alone: one batch of one
+        images, batches = (now - then for now, then in zip(totals(), before))
+        assert (images, batches) == (1, 1)
+        answers = await asyncio.gather(*(api.classify(keel, ImageFile(f"{i}.png", picture(label)), top_k=1)
+                                         for i, label in enumerate(["circle", "square", "star"] * 8)))
+        assert [a.predictions[0].label for a in answers] == ["circle", "square", "star"] * 8
+        images, batches = (now - then for now, then in zip(totals(), before))
+        assert images == 25 and batches < 25  # the 24 at once shared batches
+
+    asyncio.run(calls())
+
+
 def test_not_ready_is_a_503_with_retry_after(tiny_model):
     cold = Keel.load(ServiceConfig(model=str(tiny_model), workers=1))  # never started
     response = asyncio.run(api.answer(api.classify(cold, ImageFile("x.png", picture("star")))))

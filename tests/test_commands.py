@@ -12,6 +12,8 @@ import pytest
 
 import service
 
+pytestmark = pytest.mark.slow  # a dozen interpreters starting, most of them importing torch
+
 COMMANDS = {"keel-train": "training", "keel-export": "export", "keel-batch": "service.batch",
             "keel-doctor": "service.doctor"}
 
