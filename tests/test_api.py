@@ -186,6 +186,14 @@ def test_docs_json_describes_keels_endpoints(service_app):
     assert batch["properties"]["images"]["items"]["format"] == "binary"
     assert "/metadata" in document["paths"] and "/batch/submit" in document["paths"]
     assert service_app.get("/").status_code == 200  # the Swagger UI
+    # what the guard adds: the query parameters, the raw image body, the statuses it answers
+    assert [(p["name"], p["in"]) for p in classify["parameters"]] == [("top_k", "query"), ("model", "query")]
+    assert set(classify["requestBody"]["content"]) == {"multipart/form-data", "image/*"}
+    assert {"400", "404", "413", "415", "429", "503"} <= set(classify["responses"])
+    assert classify["responses"]["503"]["headers"]["Retry-After"]
+    assert document["components"]["schemas"]["Error"]["required"] == ["error"]
+    assert "example" in answer and answer["example"]["predictions"][0]["label"]
+    assert set(document["paths"]["/metadata"]) == {"get", "post"}
 
 
 def test_bentoml_async_client_calls_the_endpoints(service_app, tmp_path):
