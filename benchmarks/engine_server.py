@@ -28,19 +28,23 @@ from service import api
 from service.config import ServiceConfig
 from service.core import Keel
 from service.errors import ClientError, EngineUnavailable, error
-from service.uploads import read_classify
+from service.uploads import InProgress, read_classify
 
 CONFIG = ServiceConfig(model=os.environ.get("ENGINE_MODEL", "artifacts/model.onnx"),
                        workers=int(os.environ.get("ENGINE_WORKERS", "1")),  # uvicorn's --workers
                        cpu_threads=int(os.environ.get("ENGINE_THREADS", "0")))
-keel = Keel.load(CONFIG).start(on_error=print)
+IN_PROGRESS = InProgress()  # counted here as the service's RequestGuard counts them, for the engine
+keel = Keel.load(CONFIG, in_progress=IN_PROGRESS).start(on_error=print)
 
 
 async def classify(request: Request) -> Response:
+    IN_PROGRESS.count += 1
     try:
         result = await api.classify(keel, **await read_classify(request, CONFIG))
     except (ClientError, EngineUnavailable) as exc:
         return error(exc)
+    finally:
+        IN_PROGRESS.count -= 1
     return JSONResponse(result.model_dump(mode="json"))
 
 

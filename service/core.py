@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from service.errors import ClientError, EngineUnavailable
 from service.inference import ModelInfo, ModelLoadError, gpu_visible, read_model_info, resolve_model
 from service.preprocessing import ImageDecodeError, preprocess_bytes
 from service.workers import WorkerPlan, plan_workers
+
+if TYPE_CHECKING:
+    from service.uploads import InProgress
 
 log = logging.getLogger("bentoml.keel")
 
@@ -57,16 +61,20 @@ class Keel:
     engine: Engine
 
     @classmethod
-    def load(cls, config: ServiceConfig, plan: WorkerPlan | None = None) -> Keel:
+    def load(cls, config: ServiceConfig, plan: WorkerPlan | None = None, in_progress: InProgress | None = None
+             ) -> Keel:
         """Read every model's metadata and set up the engine (not started: see `start`). `plan`: the
-        worker plan already made (by `bentoml serve`), else made here."""
+        worker plan already made (by `bentoml serve`), else made here. `in_progress`: the worker's
+        count of requests in progress, when something counts them (the service's RequestGuard): a
+        request alone on its worker then skips the batcher's wait."""
         catalogue, default = load_catalogue(config)
         files = {name: path for name, (path, _) in catalogue.items()}
         plan = plan or plan_workers(config, files)
         engine = Engine(files, EngineOptions(device=config.device, cpu_threads=plan.cpu_threads,
                                              tensorrt=config.tensorrt, max_batch_size=config.max_batch_size,
                                              max_latency_ms=config.max_latency_ms,
-                                             warmup_delay_s=config.warmup_delay_s))
+                                             warmup_delay_s=config.warmup_delay_s),
+                        alone=in_progress.alone if in_progress is not None else None)
         return cls(config, {name: info for name, (_, info) in catalogue.items()}, default, plan, engine)
 
     def start(self, on_error: Callable[[str], None] = log.error) -> Keel:

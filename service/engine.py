@@ -3,8 +3,8 @@ behind BentoML's adaptive batcher.
 
 The batcher is BentoML's own `CorkDispatcher`, the algorithm behind `@bentoml.api(batchable=True)`
 (bentoml_internals.adaptive_batcher): it learns how long a batch of n takes, waits for more requests
-only while that keeps within `max_latency_ms`, and sheds (503) what cannot make it; a request that
-finds it idle runs at once. Keel runs it in the HTTP worker instead of
+only while that keeps within `max_latency_ms`, and sheds (503) what cannot make it; a request alone
+on its worker runs at once. Keel runs it in the HTTP worker instead of
 behind a second BentoML service because that service boundary is an HTTP hop with pickled tensors
 per request, which on the CPU cost more than inference itself (docs/benchmarks.md, *Design
 decisions*). The price: each HTTP worker (KEEL_WORKERS) holds its own sessions.
@@ -67,9 +67,11 @@ def batch_size_histogram(max_batch_size: int) -> prometheus_client.Histogram:
 
 
 class Engine:
-    def __init__(self, models: dict[str, Path], options: EngineOptions = EngineOptions()):
-        """`models`: serving name -> exported .onnx file."""
-        self.models, self.options = models, options
+    def __init__(self, models: dict[str, Path], options: EngineOptions = EngineOptions(),
+                 alone: Callable[[], bool] | None = None):
+        """`models`: serving name -> exported .onnx file. `alone()`: whether the request being submitted
+        is the only one its worker has in progress, so it may skip the batcher's wait (None: never)."""
+        self.models, self.options, self.alone = models, options, alone
         self.sessions: dict[str, OnnxClassifier] = {}
         self.warmup_ms: dict[str, dict[int, float]] = {}
         self.batchers: dict[str, Callable] = {}
@@ -132,7 +134,7 @@ class Engine:
             probabilities = await predict(requests[0] if len(requests) == 1 else np.concatenate(requests))
             return np.split(probabilities, np.cumsum(sizes)[:-1]) if len(requests) > 1 else [probabilities]
 
-        return adaptive_batcher(run, self.options.max_latency_ms, self.options.max_batch_size, _shed)
+        return adaptive_batcher(run, self.options.max_latency_ms, self.options.max_batch_size, _shed, self.alone)
 
     def describe(self, model: str) -> dict:
         """What `model`'s session really runs on, for /metadata."""

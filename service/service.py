@@ -51,6 +51,7 @@ from service.bentoml_internals import bentoml_tracing, cache_api_methods, guarde
 from service.config import ServiceConfig
 from service.core import Keel, load_catalogue
 from service.uploads import (
+    InProgress,
     RequestGuard,
     TaskUploadGuard,
     model_param,
@@ -91,6 +92,7 @@ async def metadata_get(request: Request) -> Response:
 
 CONFIG = ServiceConfig.from_env()
 PLAN = plan_serving(CONFIG)
+IN_PROGRESS = InProgress()  # this worker's requests in progress: the guard counts, the engine reads
 replace_bentoml_timeout()  # before BentoML assembles the app, see service/bentoml_internals.py
 # GET /metadata and the Open Inference Protocol: plain routes, mounted; they serve `http.state.keel`.
 http = Starlette(routes=[Route("/metadata", metadata_get, methods=["GET"]), *v2.routes()])
@@ -106,7 +108,7 @@ class Classifier:
     """Keel: image classification with ONNX Runtime (CUDA when available, else CPU) and adaptive batching."""
 
     def __init__(self) -> None:
-        self.keel = Keel.load(CONFIG, PLAN).start(on_error=stop_server)
+        self.keel = Keel.load(CONFIG, PLAN, IN_PROGRESS).start(on_error=stop_server)
         http.state.keel = self.keel
         cache_api_methods(self)
 
@@ -143,7 +145,8 @@ class Classifier:
 
 Classifier.add_asgi_middleware(RequestGuard, config=CONFIG, readers={
     "/classify": read_classify, "/classify_batch": read_classify_batch, "/metadata": read_metadata},
-    max_in_progress=math.ceil(CONFIG.max_concurrency / PLAN.workers))  # each worker's share, as BentoML splits it
+    max_in_progress=math.ceil(CONFIG.max_concurrency / PLAN.workers),  # each worker's share, as BentoML splits it
+    in_progress=IN_PROGRESS)
 # An upload job carries at most KEEL_MAX_BATCH_IMAGES images' worth of bytes; bigger jobs use a path.
 Classifier.add_asgi_middleware(TaskUploadGuard, paths={"/batch", "/batch/submit"}, file_field="images",
                                max_bytes=CONFIG.max_upload_bytes * CONFIG.max_batch_images,

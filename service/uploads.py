@@ -222,6 +222,17 @@ async def read_metadata(request: Request, config: ServiceConfig) -> dict:
 # --- the guards ------------------------------------------------------------------------------------------
 
 
+class InProgress:
+    """How many requests one worker has in progress, counted by its RequestGuard: what KEEL_MAX_CONCURRENCY
+    limits, and how the engine knows a request is alone (service/engine.py)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def alone(self) -> bool:
+        return self.count <= 1
+
+
 class RequestGuard:
     """ASGI middleware in front of the typed API endpoints (service/service.py): reads each request to
     one of `readers`' paths with its reader, within KEEL_REQUEST_TIMEOUT_S, and either answers it
@@ -229,28 +240,30 @@ class RequestGuard:
     endpoint's input model takes them, bentoml_internals.guarded_api) and the body consumed. A
     request not answered within the timeout, read or not, gets 503 with Retry-After.
 
-    It also keeps this worker's share of KEEL_MAX_CONCURRENCY (`max_in_progress`): a request beyond it
-    gets 429 at once, with Retry-After (BentoML's own limit answers without one); and it completes
+    It also counts this worker's requests in progress (`in_progress`, which the engine reads too) and
+    keeps them within its share of KEEL_MAX_CONCURRENCY (`max_in_progress`): a request beyond it gets
+    429 at once, with Retry-After (BentoML's own limit answers without one); and it completes
     BentoML's /docs.json with what the endpoints accept and answer beyond what BentoML describes
     (`document`), so that the document, and the Swagger UI reading it, say what they really do."""
 
     UNLIMITED = frozenset({"/metrics", "/healthz", "/livez", "/readyz"})  # probes always get through, as in BentoML
 
-    def __init__(self, app, readers: dict[str, Reader], config: ServiceConfig, max_in_progress: int):
+    def __init__(self, app, readers: dict[str, Reader], config: ServiceConfig, max_in_progress: int,
+                 in_progress: InProgress):
         self.app, self.readers, self.config = app, readers, config
-        self.max_in_progress, self.in_progress = max_in_progress, 0
+        self.max_in_progress, self.in_progress = max_in_progress, in_progress
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in self.UNLIMITED:
             return await self.app(scope, receive, send)
-        if self.in_progress >= self.max_in_progress:
-            return await error(f"{self.in_progress} requests are in progress on this worker, its share of "
+        if self.in_progress.count >= self.max_in_progress:
+            return await error(f"{self.in_progress.count} requests are in progress on this worker, its share of "
                                "KEEL_MAX_CONCURRENCY; retry later", 429)(scope, receive, send)
-        self.in_progress += 1
+        self.in_progress.count += 1
         try:
             await self.guard(scope, receive, send)
         finally:
-            self.in_progress -= 1
+            self.in_progress.count -= 1
 
     async def guard(self, scope, receive, send):
         if scope["method"] == "GET" and scope["path"] == "/docs.json":
