@@ -181,6 +181,8 @@ def guarded_api(*, route: str, output: type[BaseModel]) -> Callable:
                 return Response(answer.model_dump_json(), media_type="application/json")
             return answer
 
+        endpoint.__doc__ = inspect.cleandoc(method.__doc__ or "")  # /docs.json's description: Markdown, no indent
+
         return bentoml.api(route=route, input_spec=spec, output_spec=output)(endpoint)
 
     return decorate
