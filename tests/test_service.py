@@ -149,8 +149,8 @@ def test_bentoml_sync_client_classifies_as_in_the_readme(server, shapes_data, tm
     example = readme.split("```python\nimport bentoml\n", 1)[1].split("```", 1)[0]
     script = tmp_path / "client.py"
     script.write_text("import bentoml\n" + example.replace("http://127.0.0.1:3000", server.url)
-                      .replace("data/shapes/test/star/00000.png", str(path)))
+                      .replace("data/shapes/", f"{shapes_data}/").replace('"README.md"', f'"{REPO / "README.md"}"'))
     from tests.support import run_python
 
     result = run_python(str(script), timeout=120)
-    assert result.returncode == 0 and "'label': " in result.stdout, result.stderr
+    assert result.returncode == 0 and "'label': " in result.stdout and "'error': " in result.stdout, result.stderr
