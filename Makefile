@@ -33,10 +33,12 @@ export BENTOML_DO_NOT_TRACK := True
 
 setup: $(STAMP)
 
-$(STAMP): $(REQUIREMENTS)
+# Keel itself is installed editable, for its commands (keel-train, keel-export, keel-batch, keel-doctor).
+$(STAMP): $(REQUIREMENTS) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements/serve.txt -r requirements/train.txt -r requirements/dev.txt -r requirements/ray.txt \
 		-c requirements/constraints.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $@
 
 data: $(DATA)/dataset.json

@@ -112,6 +112,9 @@ def assemble(out: Path, doc: Path, run_info: dict) -> str:
               f"- **Model**: `{run_info['model']}` (checkpoint `{run_info.get('checkpoint')}`)", ""]
     if run_info.get("failed"):
         lines += [f"Failed this run (older results, if any, are shown): {', '.join(run_info['failed'])}.", ""]
+    decisions = REPO / "docs" / "benchmarks" / "decisions.md"  # hand-written, not measured by this run
+    if decisions.is_file():
+        sections.append(decisions.read_text())
     text = "\n".join(lines) + "\n" + "\n".join(sections)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text.rstrip() + "\n")

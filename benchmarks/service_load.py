@@ -83,8 +83,10 @@ def free_port() -> int:
 class Launched:
     """A server process in its own session on a free loopback port; always stopped on exit."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], ready_path: str, log_dir: Path, name: str):
+    def __init__(self, argv: list[str], env: dict[str, str], ready_path: str, log_dir: Path, name: str,
+                 cwd: Path = REPO):
         self.port = free_port()
+        self.cwd = cwd  # the source tree it serves from (benchmarks/service_ab.py: another commit's)
         self.url = f"http://127.0.0.1:{self.port}"
         self.argv = [a.replace("{port}", str(self.port)) for a in argv]
         self.env, self.ready_path, self.name = {**os.environ, **env}, ready_path, name
@@ -92,8 +94,8 @@ class Launched:
 
     def __enter__(self) -> Launched:
         self.log = open(self.log_path, "w")
-        self.process = subprocess.Popen(self.argv, cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdout=self.log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -123,11 +125,11 @@ class Launched:
         self.log.close()
 
 
-def keel(model: str, log_dir: Path, name: str, **env: str) -> Launched:
+def keel(model: str, log_dir: Path, name: str, cwd: Path = REPO, **env: str) -> Launched:
     bentoml = str(Path(sys.executable).with_name("bentoml"))
     return Launched([bentoml, "serve", "service.service:Classifier", "--host", "127.0.0.1", "--port", "{port}"],
                     {"KEEL_MODEL": str(Path(model).resolve()), "BENTOML_HOME": str(log_dir / "bentoml"),
-                     "BENTOML_DO_NOT_TRACK": "True", **env}, "/readyz", log_dir, name)
+                     "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(cwd), **env}, "/readyz", log_dir, name, cwd)
 
 
 def peer(model: str, log_dir: Path) -> Launched:

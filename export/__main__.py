@@ -1,4 +1,8 @@
-"""`python -m export CHECKPOINT --out model.onnx [--fp16] [--int8] [--bentoml NAME] ...` (see --help)."""
+"""`keel-export CHECKPOINT --out model.onnx [--fp16] [--int8] [--bentoml NAME] ...` (or `python -m export`; see --help).
+
+Exit status: 0 written; 1 a model was made and refused by a check (parity, a variant's accuracy),
+and not written; 2 bad usage, or a checkpoint, image folder or output folder that cannot be used.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from export.onnx_export import OPSET, ExportConfig, ExportError, export_checkpoint, save_to_bentoml
+import service
+from export.onnx_export import OPSET, ExportConfig, ExportError, ExportRefused, export_checkpoint, save_to_bentoml
 from training.checkpoint import CheckpointError
 
 DEFAULTS = ExportConfig()
@@ -14,9 +19,10 @@ DEFAULTS = ExportConfig()
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m export",
+        prog="keel-export",
         description=f"Export a Keel checkpoint to a verified ONNX model (opset {OPSET}, batch norm folded), "
                     "optionally with fp16 and int8 variants beside it.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {service.__version__}")
     parser.add_argument("checkpoint", type=Path,
                         help="a checkpoint written by `python -m training` (e.g. RUN_DIR/best.pt)")
     parser.add_argument("--out", type=Path, required=True,
@@ -64,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.bentoml:
             log(f"[+] saving to the BentoML model store as {args.bentoml}")
             save_to_bentoml(args.out, args.bentoml, log=log)
-    except (CheckpointError, ExportError, OSError) as exc:
+    except ExportRefused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except (CheckpointError, ExportError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from service.inference import INPUT_NAME, METADATA_PREFIX, OUTPUT_NAME, OnnxClassifier
+from service.inference import INPUT_NAME, METADATA_PREFIX, OUTPUT_NAME, ModelInfo, OnnxClassifier
 from service.preprocessing import ImageDecodeError, PreprocessSpec, find_images, preprocess_bytes
 from service.progress import Progress
 from training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -84,7 +84,13 @@ class ExportConfig:
 
 
 class ExportError(RuntimeError):
-    """Export could not produce a trustworthy model; the message names the file concerned."""
+    """Export could not start from what it was given (a checkpoint, image folder or output folder it
+    cannot use); the message names the file concerned. `python -m export` exits 2."""
+
+
+class ExportRefused(ExportError):
+    """Export ran, and refused a model it made: it failed a check (graph, parity, accuracy). Nothing of
+    it is written; `python -m export` exits 1."""
 
 
 def variant_path(out_path: str | Path, precision: str) -> Path:
@@ -129,8 +135,8 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, config:
         folded = fold_batch_norm(model)
         fp32 = scratch / out_path.name
         export_graph(folded, spec, fp32)
-        metadata = build_metadata(checkpoint, checkpoint_path, config.name or checkpoint["arch"])
-        annotate(fp32, metadata)
+        info = describe(checkpoint, checkpoint_path, config.name or checkpoint["arch"])
+        annotate(fp32, info)
 
         steps.next("checking the graph (onnx.checker, shape inference, opset, no batch norm)")
         check_graph(fp32, spec, len(checkpoint["labels"]))
@@ -139,7 +145,7 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, config:
         inputs, source = sample_inputs(spec, samples_dir, config.parity_samples, log)
         report = parity_report(model, fp32, inputs, source)
         if not report["passed"]:
-            raise ExportError(
+            raise ExportRefused(
                 f"{out_path}: ONNX Runtime disagrees with PyTorch: max |dp| {report['max_abs_diff']:.2e} "
                 f"(tolerance {PROBABILITY_TOLERANCE:.0e}), top-1 agreement {report['top1_agreement']:.1%}; not written"
             )
@@ -147,10 +153,10 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, config:
         log(f"wrote {out_path} (parity: max |dp| {report['max_abs_diff']:.1e}, top-1 agreement "
             f"{report['top1_agreement']:.0%}) and {report_path(out_path).name}")
         reports = {"fp32": report}
-        warn_stale_variants(out_path, metadata["checkpoint_sha256"], config.variants, log)
+        warn_stale_variants(out_path, info.checkpoint_sha256, config.variants, log)
         if config.uint8_input:
             steps.next("exporting the uint8 NHWC-input variant (cast, normalize, transpose in the graph)")
-            reports[UINT8_NHWC] = export_uint8_input(folded, spec, out_path, scratch, metadata, samples_dir, log)
+            reports[UINT8_NHWC] = export_uint8_input(folded, spec, out_path, scratch, info, samples_dir, log)
         if not config.variants:
             return reports
 
@@ -169,7 +175,7 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, config:
                 steps.next(f"quantizing to int8 (static QDQ, per-channel; calibration on {calibration_dir})")
                 details = quantize_int8(out_path, candidate, calibration_dir, spec, config.calibration_count,
                                         scratch, log)
-            annotate(candidate, variant_metadata(metadata, precision, sha256_of(out_path), details))
+            annotate(candidate, variant_info(info, precision, sha256_of(out_path), details))
             check_graph(candidate, spec, len(checkpoint["labels"]))
             variant_report = compare_variant(reference, candidate, precision, config.max_accuracy_drop)
             variant_report.update(details=details)
@@ -189,7 +195,7 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, config:
             if variant_report.get("note"):
                 log(f"note: {variant_report['note']}")
         if refused:
-            raise ExportError("; ".join(refused))
+            raise ExportRefused("; ".join(refused))
     return reports
 
 
@@ -363,12 +369,12 @@ def check_graph(path: Path, spec: PreprocessSpec, classes: int, opset: int = OPS
         onnx.checker.check_model(model, full_check=True)
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"{path.name}: the ONNX graph is invalid: {str(exc).strip().splitlines()[0]}") from None
+        raise ExportRefused(f"{path.name}: the ONNX graph is invalid: {str(exc).strip().splitlines()[0]}") from None
 
     def signature(values, name):
         match = [v for v in values if v.name == name]
         if len(match) != 1:
-            raise ExportError(f"{path.name}: the graph has no {name!r} tensor")
+            raise ExportRefused(f"{path.name}: the graph has no {name!r} tensor")
         tensor = match[0].type.tensor_type
         return tensor.elem_type, [d.dim_param or d.dim_value for d in tensor.shape.dim]
 
@@ -381,45 +387,41 @@ def check_graph(path: Path, spec: PreprocessSpec, classes: int, opset: int = OPS
             or in_type != expected_type or out_type != onnx.TensorProto.FLOAT:
         expected = (f"uint8 [N, {spec.crop}, {spec.crop}, 3]" if uint8_nhwc
                     else f"float32 [N, 3, {spec.crop}, {spec.crop}]")
-        raise ExportError(f"{path.name}: graph signature is input {in_dims} -> output {out_dims}, "
+        raise ExportRefused(f"{path.name}: graph signature is input {in_dims} -> output {out_dims}, "
                           f"expected {expected} -> float32 [N, {classes}] with N dynamic")
     versions = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     if versions.get("ai.onnx") != opset:
-        raise ExportError(f"{path.name}: graph uses ONNX opset {versions.get('ai.onnx')}, pinned is {opset}")
+        raise ExportRefused(f"{path.name}: graph uses ONNX opset {versions.get('ai.onnx')}, pinned is {opset}")
     batch_norms = sum(node.op_type == "BatchNormalization" for node in model.graph.node)
     if batch_norms:
-        raise ExportError(f"{path.name}: {batch_norms} BatchNormalization node(s) were not folded into convs")
+        raise ExportRefused(f"{path.name}: {batch_norms} BatchNormalization node(s) were not folded into convs")
 
 
-def build_metadata(checkpoint: dict, checkpoint_path: Path, name: str, opset: int = OPSET) -> dict[str, str]:
+def describe(checkpoint: dict, checkpoint_path: Path, name: str, opset: int = OPSET) -> ModelInfo:
+    """The fp32 model's metadata, from its checkpoint."""
     digest = sha256_of(checkpoint_path)
-    return {
-        "name": name,
-        "version": digest[:12],  # content-addressed: the same checkpoint always exports the same version
-        "precision": "fp32",
-        "arch": checkpoint["arch"],
-        "model_args": json.dumps(checkpoint["model_args"]),
-        "labels": json.dumps(checkpoint["labels"]),
-        "preprocessing": json.dumps(checkpoint["preprocessing"], sort_keys=True),
-        "metrics": json.dumps(checkpoint.get("metrics", {})),
-        "stability": json.dumps(checkpoint.get("stability", {})),
-        "checkpoint_sha256": digest,
-        "exported_at": now(),
-        "opset": str(opset),
-        "exporter": json.dumps(versions()),
-    }
+    return ModelInfo(
+        name=name,
+        version=digest[:12],  # content-addressed: the same checkpoint always exports the same version
+        arch=checkpoint["arch"],
+        labels=tuple(checkpoint["labels"]),
+        preprocessing=PreprocessSpec.from_dict(checkpoint["preprocessing"]),
+        checkpoint_sha256=digest,
+        exported_at=now(),
+        metrics=checkpoint.get("metrics", {}),
+        precision="fp32",
+        stability=checkpoint.get("stability", {}),
+        extra={"model_args": json.dumps(checkpoint["model_args"]), "opset": str(opset),
+               "exporter": json.dumps(versions())},
+    )
 
 
-def variant_metadata(fp32: dict[str, str], precision: str, fp32_sha256: str, details: dict) -> dict[str, str]:
+def variant_info(fp32: ModelInfo, precision: str, fp32_sha256: str, details: dict) -> ModelInfo:
     """The fp32 model's metadata with the variant's precision, version, time and provenance."""
-    return {
-        **fp32,
-        "version": f"{fp32['version']}-{precision}",  # a client can tell which variant answered
-        "precision": precision,
-        "variant": json.dumps({"of_sha256": fp32_sha256, **details}),
-        "exported_at": now(),
-        "exporter": json.dumps(versions()),
-    }
+    return replace(fp32, version=f"{fp32.version}-{precision}",  # a client can tell which variant answered
+                   precision=precision, exported_at=now(),
+                   extra={**fp32.extra, "variant": json.dumps({"of_sha256": fp32_sha256, **details}),
+                          "exporter": json.dumps(versions())})
 
 
 def now() -> str:
@@ -433,12 +435,13 @@ def versions() -> dict[str, str]:
             "onnxruntime": ort.__version__}
 
 
-def annotate(path: Path, metadata: dict[str, str]) -> None:
+def annotate(path: Path, info: ModelInfo) -> None:
+    """Replace the ONNX file's metadata with `info`'s (ModelInfo.to_metadata, which the service reads back)."""
     model = onnx.load(str(path))
     del model.metadata_props[:]
-    for key, value in metadata.items():
-        model.metadata_props.add(key=METADATA_PREFIX + key, value=value)
-    model.doc_string = f"Keel image classifier {metadata['name']} ({metadata['arch']}, {metadata['precision']})"
+    for key, value in info.to_metadata().items():
+        model.metadata_props.add(key=key, value=value)
+    model.doc_string = f"Keel image classifier {info.name} ({info.arch}, {info.precision})"
     onnx.save(model, str(path))
 
 
@@ -569,7 +572,7 @@ def compare_variant(reference: Reference, path: Path, precision: str, max_drop: 
 
 
 def export_uint8_input(folded: nn.Module, spec: PreprocessSpec, out_path: Path, scratch: Path,
-                       metadata: dict[str, str], samples_dir: Path | None, log: Log) -> dict:
+                       info: ModelInfo, samples_dir: Path | None, log: Log) -> dict:
     """The uint8 NHWC-input variant of the verified fp32 model, proven against it: the fp32 model on
     the service's float preprocessing vs this graph on the same images' uint8 crops, at every
     parity batch size, within the fp32 tolerance."""
@@ -580,10 +583,11 @@ def export_uint8_input(folded: nn.Module, spec: PreprocessSpec, out_path: Path, 
     target = variant_path(out_path, UINT8_NHWC)
     candidate = scratch / target.name
     export_graph(folded, spec, candidate, uint8_nhwc=True)
-    annotate(candidate, {**metadata, "version": f"{metadata['version']}-{UINT8_NHWC}", "exported_at": now(),
-                         "input": json.dumps({"name": UINT8_INPUT_NAME, "dtype": "uint8", "layout": "NHWC",
-                                              "channel_order": "RGB", "normalization": "in graph"})})
-    check_graph(candidate, spec, len(json.loads(metadata["labels"])), uint8_nhwc=True)
+    annotate(candidate, replace(info, version=f"{info.version}-{UINT8_NHWC}", exported_at=now(),
+                                extra={**info.extra, "input": json.dumps({
+                                    "name": UINT8_INPUT_NAME, "dtype": "uint8", "layout": "NHWC",
+                                    "channel_order": "RGB", "normalization": "in graph"})}))
+    check_graph(candidate, spec, len(info.labels), uint8_nhwc=True)
 
     paths = spread_over(find_images(samples_dir), 32) if samples_dir is not None and samples_dir.is_dir() else []
     if paths:
@@ -608,7 +612,7 @@ def export_uint8_input(folded: nn.Module, spec: PreprocessSpec, out_path: Path, 
               "passed": worst <= PROBABILITY_TOLERANCE and agreement == 1.0, "provider": "CPUExecutionProvider",
               "note": "export only: the service and the batch job still send float32 NCHW to model.onnx"}
     if not report["passed"]:
-        raise ExportError(f"{target}: the uint8-input graph disagrees with the fp32 model: max |dp| {worst:.2e}, "
+        raise ExportRefused(f"{target}: the uint8-input graph disagrees with the fp32 model: max |dp| {worst:.2e}, "
                           f"top-1 agreement {agreement:.1%}; not written")
     publish(candidate, target, report)
     log(f"wrote {target} (parity with the fp32 model: max |dp| {worst:.1e}) and {report_path(target).name}")

@@ -1,4 +1,5 @@
-"""Offline batch inference: `python -m service.batch --model model.onnx --input DIR --output preds.jsonl`.
+"""Offline batch inference: `keel-batch --model model.onnx --input DIR --output preds.jsonl`
+(or `python -m service.batch`).
 
 Inputs (`--input`): a folder (every image under it, recursively, in sorted order), a manifest of
 image paths (`.csv`: the `path` column, or the first column when there is no such header; any
@@ -41,7 +42,16 @@ from pathlib import Path
 
 import numpy as np
 
-from service.inference import ModelLoadError, OnnxClassifier, container_cpus, read_model_info, resolve_model, top_k
+import service
+from service.inference import (
+    ModelLoadError,
+    OnnxClassifier,
+    container_cpus,
+    decoded,
+    read_model_info,
+    resolve_model,
+    result_rows,
+)
 from service.preprocessing import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, PreprocessSpec, find_images, preprocess_bytes
 from service.progress import Progress
 
@@ -175,11 +185,9 @@ def inference_threads(config: BatchConfig) -> int:
     """ONNX Runtime's threads for the local engine: `ort_threads`, or by default every usable CPU.
 
     Decoding and inference share the CPUs here, so the session never spin-waits between runs (see
-    run()). Measured on 2 cores, quiet, 500x375 JPEGs, batch 32 (benchmarks/batch_job.py compares
-    them): with a full-size AlexNet-BN at 224 px, where inference is the slower side, two threads
-    ran the job at 142-144 images/s against 87-90 with one; with the 64 px quick-start model, where
-    decoding is, 1,133 against 1,177-1,196. Spinning (ONNX Runtime's default) cost the second
-    thread 22% on the small model.
+    run()). Every CPU pays off where inference is the slower side (full-size models), and costs
+    little where decoding is; benchmarks/batch_job.py compares them, and docs/benchmarks.md
+    (*Design decisions*) has what the choice was worth.
     """
     return config.ort_threads or container_cpus()
 
@@ -226,16 +234,9 @@ def decoded_chunks(items: list[Item], spec: PreprocessSpec, config: BatchConfig,
 def classify_chunk(chunk: list[Item], loaded: list[np.ndarray | str], predict: Callable[[np.ndarray], np.ndarray],
                    labels: tuple[str, ...], k: int) -> list[dict]:
     """Output rows for one chunk: one batched inference over the images that decoded."""
-    good = [i for i, item in enumerate(loaded) if isinstance(item, np.ndarray)]
-    probabilities = predict(np.stack([loaded[i] for i in good])) if good else []
-    answers = dict(zip(good, probabilities))
-    rows = []
-    for i, (key, _) in enumerate(chunk):
-        if i in answers:
-            rows.append({"path": key, "predictions": top_k(answers[i], labels, k)})
-        else:
-            rows.append({"path": key, "error": loaded[i]})
-    return rows
+    batch = decoded(loaded)
+    probabilities = predict(batch) if batch is not None else []
+    return result_rows("path", [key for key, _ in chunk], loaded, probabilities, labels, k)
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -442,8 +443,9 @@ def run_ray(items: list[Item], model_path: Path, config: BatchConfig, record: Ca
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m service.batch",
+    p = argparse.ArgumentParser(prog="keel-batch",
                                 description="Classify a folder, a manifest of paths or stdin into JSONL or CSV.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {service.__version__}")
     defaults = {f.name: f.default for f in fields(BatchConfig)}
     p.add_argument("--model", required=True, help="exported .onnx file or BentoML model tag")
     p.add_argument("--input", required=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from service.inference import DEVICES
 from service.preprocessing import DEFAULT_MAX_PIXELS
@@ -35,9 +36,10 @@ class ServiceConfig:
     max_latency_ms: int = 10000  # adaptive batching: queueing budget before a request is shed with 503
     request_timeout_s: float = 30.0  # per request, decode to answer; past it the client gets 503
     max_concurrency: int = 256  # requests in progress across workers (ceil(N / workers) each); more get 429 at once
-    workers: int = 0  # HTTP worker processes (decode + preprocess run there); 0 = chosen at start-up:
-    #                   one per CPU for a model cheaper than CHEAP_INFERENCE_MS per image on the CPU, else one
+    workers: int = 0  # HTTP worker processes (each decodes and infers); 0 = chosen at start-up (service/workers.py)
     warmup_delay_s: float = 0.0  # testing only: hold readiness this much longer after warm-up
+    batch_root: str = ""  # the only folder batch jobs may read server-side paths from; "" = such jobs are refused
+    job_max_images: int = 10_000  # images in one batch job (the task store keeps its whole answer)
 
     def __post_init__(self):
         if self.device not in DEVICES:
@@ -48,6 +50,8 @@ class ServiceConfig:
                 raise ValueError(f"KEEL_{f.name.upper()} must be positive, not {value}")
         if self.cpu_threads < 0 or self.workers < 0 or self.warmup_delay_s < 0:
             raise ValueError("KEEL_CPU_THREADS, KEEL_WORKERS and KEEL_WARMUP_DELAY_S must not be negative")
+        if self.batch_root and not Path(self.batch_root).is_dir():
+            raise ValueError(f"KEEL_BATCH_ROOT {self.batch_root!r} is not a folder")
         self.model_refs()  # KEEL_MODELS is checked here; KEEL_DEFAULT_MODEL once the models' names are known
 
     def model_refs(self) -> list[tuple[str | None, str]]:
@@ -97,18 +101,3 @@ def parse(raw: str, kind: str) -> int | float | bool | str:
             raise ValueError(raw)
         return raw.strip().lower() in _TRUE
     return raw
-
-
-def bentoml_tracing() -> dict:
-    """The `tracing` service config Keel hands BentoML: unchanged when an exporter is configured
-    (`tracing.exporter_type` in BentoML's configuration), otherwise every URL excluded.
-
-    BentoML 1.4.39 wraps each request in OpenTelemetry spans (a server span plus one per ASGI
-    message) even with no exporter, when its default sample rate of 0 drops them all. Making them
-    took a fifth of the quick-start model's throughput (64 clients, one worker: 580 req/s with them,
-    698-729 without). Excluded, access log lines carry no trace/span ids; with an exporter
-    configured every request is traced, as BentoML does.
-    """
-    from bentoml._internal.configuration.containers import BentoMLContainer  # pinned bentoml==1.4.39
-
-    return {} if BentoMLContainer.tracing.exporter_type.get() else {"excluded_urls": "."}

@@ -340,22 +340,11 @@ def configured_models(config: ServiceConfig, override: str | None, scratch: Path
     else:
         return [(BUILTIN_NAME, builtin_graph(scratch / "keel-doctor.onnx"),
                  "built-in test graph (neither KEEL_MODEL nor KEEL_MODELS is set)")]
+    from service.bentoml_internals import use_bento_model_store
+
     use_bento_model_store()
     return [(name, resolve_model(reference), f"{origin} {name + '=' if name else ''}{reference}")
             for name, reference in refs]
-
-
-def use_bento_model_store() -> None:
-    """Inside a Bento's container image (BENTO_PATH set) `bentoml serve` reads model tags from the
-    Bento's own model store, not from BENTOML_HOME's: the doctor resolves them there too, as
-    bentoml's service loader does (bentoml/_internal/service/loader.py, pinned bentoml==1.4.39)."""
-    bento = os.environ.get("BENTO_PATH")
-    if not bento or not (Path(bento) / "models").is_dir():
-        return
-    from bentoml._internal.configuration.containers import BentoMLContainer
-    from bentoml._internal.models import ModelStore
-
-    BentoMLContainer.model_store.set(ModelStore(Path(bento) / "models"))
 
 
 def check_model(name: str | None, path: Path, origin: str, config: ServiceConfig, device: str, seconds: float,

@@ -1,5 +1,6 @@
-"""The inference core shared by the HTTP service and the batch job: an exported Keel model in an
-ONNX Runtime session, its metadata, provider selection and post-processing. No torch here.
+"""An exported Keel model in an ONNX Runtime session: its metadata (`ModelInfo`, which export writes
+and everything else reads), provider selection, the session, and turning its probabilities into
+answers. Shared by the HTTP service and the batch job; no torch here.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,8 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Everything a consumer needs to use an exported model, read from its ONNX metadata."""
+    """Everything a consumer needs to use an exported model: the `keel.*` ONNX metadata, which
+    `to_metadata` writes (export does) and `from_metadata` reads back."""
 
     name: str
     version: str
@@ -45,14 +48,30 @@ class ModelInfo:
     metrics: dict = field(default_factory=dict)
     precision: str = "fp32"  # fp32, or the export variant (fp16, int8); older exports are fp32
     stability: dict = field(default_factory=dict)  # the training run's stability report
+    # Every other keel.* key (model_args, opset, exporter, variant, input, ...), as the strings stored:
+    # provenance that consumers do not interpret, carried unchanged.
+    extra: dict[str, str] = field(default_factory=dict)
+
+    REQUIRED = ("name", "version", "arch", "labels", "preprocessing")
+
+    def to_metadata(self) -> dict[str, str]:
+        """The ONNX `metadata_props` describing this model: keel.<field> -> string (JSON where structured)."""
+        values = {
+            "name": self.name, "version": self.version, "precision": self.precision, "arch": self.arch,
+            "labels": json.dumps(list(self.labels)), "preprocessing": self.preprocessing.to_json(),
+            "metrics": json.dumps(self.metrics), "stability": json.dumps(self.stability),
+            "checkpoint_sha256": self.checkpoint_sha256, "exported_at": self.exported_at, **self.extra,
+        }
+        return {METADATA_PREFIX + key: value for key, value in values.items()}
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str], source: str | Path) -> ModelInfo:
         props = {k[len(METADATA_PREFIX):]: v for k, v in metadata.items() if k.startswith(METADATA_PREFIX)}
-        missing = [key for key in ("name", "version", "arch", "labels", "preprocessing") if key not in props]
+        missing = [key for key in cls.REQUIRED if key not in props]
         if missing:
             raise ModelLoadError(f"{source}: not a Keel model "
                                  f"(ONNX metadata lacks {', '.join(METADATA_PREFIX + m for m in missing)})")
+        typed = {f.name for f in fields(cls)} - {"extra"}
         return cls(
             name=props["name"], version=props["version"], arch=props["arch"],
             labels=tuple(json.loads(props["labels"])),
@@ -60,9 +79,11 @@ class ModelInfo:
             checkpoint_sha256=props.get("checkpoint_sha256", ""), exported_at=props.get("exported_at", ""),
             metrics=json.loads(props.get("metrics", "{}")), precision=props.get("precision", "fp32"),
             stability=json.loads(props.get("stability", "{}")),
+            extra={key: value for key, value in props.items() if key not in typed},
         )
 
     def to_dict(self) -> dict:
+        """What /metadata shows of the model."""
         return {
             "name": self.name, "version": self.version, "arch": self.arch, "labels": list(self.labels),
             "input_size": [self.preprocessing.crop, self.preprocessing.crop],
@@ -245,45 +266,6 @@ class OnnxClassifier:
         return timings
 
 
-# Below this many ms of one CPU thread per image, a worker's cost is its request path (HTTP,
-# multipart, decoding: ~1.7 ms per 500x375 JPEG upload), not inference, and one Python process
-# cannot use the CPUs it has. On 2 cores one worker per CPU served the 64 px quick-start model
-# (0.15 ms) 43% more at 64 clients; the 224 px AlexNet (9.8 ms) no more at 64 clients, 10% less
-# at 16, and 1.6x slower at one client (docs/benchmarks.md).
-CHEAP_INFERENCE_MS = 1.0
-
-
-def cpu_cost_ms(path: str | Path, batch: int = 8) -> float:
-    """Milliseconds of one CPU thread per image, at `batch` images per run (best of 3 after a warm-up)."""
-    classifier = OnnxClassifier(path, device="cpu", threads=1, spinning=False)
-    crop = classifier.info.preprocessing.crop
-    inputs = np.zeros((batch, 3, crop, crop), np.float32)
-    classifier.predict(inputs)
-    best = float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
-        classifier.predict(inputs)
-        best = min(best, time.perf_counter() - started)
-    return best / batch * 1000
-
-
-def auto_workers(costs_ms: list[float], cpus: int) -> int:
-    """HTTP workers for models costing `costs_ms` per image on the CPU: one per CPU when every
-    one is cheap (each worker then runs ONNX Runtime on one thread), else one worker with them all."""
-    return cpus if costs_ms and max(costs_ms) < CHEAP_INFERENCE_MS else 1
-
-
-def decode_on_loop(workers: int, cpus: int) -> bool:
-    """Whether an HTTP worker decodes uploads on its event loop instead of on threads: when the workers
-    have a CPU each (or less), a thread pool cannot decode in parallel, and handing every upload to a
-    thread and back costs thread wake-ups and GIL hand-offs. Measured on 2 CPUs, 64 px model, two
-    workers, back-to-back runs: 64 clients ~880 -> 1,000 requests/s (server CPU per request 2.0 -> 1.8
-    ms); 16 clients, 8 runs each, median 750 -> 838 (2.3 -> 1.9 ms), but spread 557-922 instead of
-    582-777: when one worker has accepted most of the connections, the other's idle CPU can no longer
-    run the busy one's decode threads."""
-    return workers >= cpus
-
-
 def preload_cuda_libraries() -> None:
     """Load CUDA/cuDNN from the nvidia-* wheels when they are installed (onnxruntime-gpu[cuda,cudnn]),
     so the image needs no CUDA base; a no-op on machines without them."""
@@ -302,6 +284,24 @@ def top_k(probabilities: np.ndarray, labels: tuple[str, ...] | list[str], k: int
     return [{"label": labels[i], "score": round(float(probabilities[i]), 6)} for i in best]
 
 
+def decoded(inputs: Sequence[np.ndarray | str]) -> np.ndarray | None:
+    """The inputs that decoded (arrays, in order) as one batch to infer; None when none did. The
+    others are error messages (strings): see result_rows."""
+    good = [item for item in inputs if isinstance(item, np.ndarray)]
+    return np.stack(good) if good else None
+
+
+def result_rows(key: str, names: Sequence[str], inputs: Sequence[np.ndarray | str], probabilities: Sequence[np.ndarray],
+                labels: tuple[str, ...], k: int) -> list[dict]:
+    """One answer row per input, in input order: {key: name, "predictions": top k} for each input that
+    decoded, taking the next row of `probabilities` (the answers to `decoded(inputs)`), and
+    {key: name, "error": message} for each that did not. What /classify_batch, the batch job and the
+    HTTP batch task all answer."""
+    answers = iter(probabilities)
+    return [{key: name, "predictions": top_k(next(answers), labels, k)} if isinstance(item, np.ndarray)
+            else {key: name, "error": item} for name, item in zip(names, inputs)]
+
+
 def resolve_model(reference: str) -> Path:
     """A model reference is a path to an .onnx file or a BentoML model tag (`name[:version]`)."""
     candidate = Path(reference)
@@ -316,5 +316,5 @@ def resolve_model(reference: str) -> Path:
     except bentoml.exceptions.NotFound:
         raise ModelLoadError(
             f"model {reference!r} is neither an .onnx file nor in the BentoML model store "
-            f"(export one with `python -m export CHECKPOINT --out model.onnx --bentoml NAME`)"
+            f"(export one with `keel-export CHECKPOINT --out model.onnx --bentoml NAME`)"
         ) from None

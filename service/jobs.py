@@ -1,4 +1,5 @@
-"""Batch jobs over HTTP: what the service's `@bentoml.task` endpoint `batch` does (service/service.py).
+"""Batch jobs over HTTP: what the service's `@bentoml.task` endpoint `batch` does (service/service.py),
+as a function of the service's state (service/core.py).
 
 A job is either a list of uploaded images or a server-side path — a folder (recursive), a
 .txt/.csv manifest or one image, read exactly as `python -m service.batch --input` reads it — that
@@ -12,8 +13,8 @@ results in input order, each {"filename"|"path", "predictions"} or {..., "error"
 cannot run answers {"error"} with a 4xx (and its status is "failed"): 403 for a path outside the
 root or with server-side paths disabled, 404 for a missing path or unknown model, 400 otherwise.
 
-Every image goes through the Classifier's own preprocessing and adaptive batcher (the same calls
-as /classify), so a job's answers are /classify's answers.
+Every image goes through the same preprocessing and adaptive batcher as /classify (Keel.preprocess_each,
+Keel.infer), so a job's answers are /classify's answers.
 
 Confinement: the requested path is resolved (symlinks and `..` followed) before it is compared
 with the resolved root, and so is every file the job then reads, since a symlink inside the root,
@@ -24,56 +25,34 @@ the answer never says what exists outside the root.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, fields
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
+from starlette.responses import JSONResponse
 
 from service.batch import BatchInputError, Item, list_inputs, read_file
-from service.inference import ModelInfo, top_k
+from service.bentoml_internals import upload_name
+from service.config import ServiceConfig
+from service.core import Keel
+from service.errors import ClientError, EngineUnavailable, error
+from service.inference import ModelInfo, decoded, result_rows
+from service.uploads import top_k_param
 
-# What a job reads an image from: an uploaded file or a server-side one, already checked.
-Preprocess = Callable[[bytes], Awaitable["np.ndarray | str"]]  # bytes -> model input, or the error
-Infer = Callable[[np.ndarray], Awaitable[np.ndarray]]  # N x 3 x S x S -> N x classes
-
-
-@dataclass(frozen=True)
-class JobsConfig:
-    batch_root: str = ""  # KEEL_BATCH_ROOT: the only folder jobs may read server-side paths from; "" = disabled
-    job_max_images: int = 10_000  # KEEL_JOB_MAX_IMAGES: per job; the whole answer is kept by the task store
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> JobsConfig:
-        env = os.environ if env is None else env
-        values: dict = {}
-        for f in fields(cls):
-            raw = env.get(f"KEEL_{f.name.upper()}", "")
-            if raw == "":
-                continue
-            if f.type == "int":
-                try:
-                    values[f.name] = int(raw)
-                except ValueError:
-                    raise ValueError(f"KEEL_{f.name.upper()} must be an integer, not {raw!r}") from None
-            else:
-                values[f.name] = raw
-        config = cls(**values)
-        if config.job_max_images < 1:
-            raise ValueError(f"KEEL_JOB_MAX_IMAGES must be positive, not {config.job_max_images}")
-        if config.batch_root and not Path(config.batch_root).is_dir():
-            raise ValueError(f"KEEL_BATCH_ROOT {config.batch_root!r} is not a folder")
-        return config
+Source = tuple[str, Callable[[], bytes | str]]  # (the name a row reports, read the bytes or say why not)
 
 
-class JobError(ValueError):
-    """A job we refuse to run; `status` is the HTTP status of its answer."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+async def run(keel: Keel, images: list[Path], path: str, model: str, top_k: int | None) -> dict | JSONResponse:
+    """A submitted job's answer, or the 4xx/503 JSON error that ends it (the task's status is then failed)."""
+    try:
+        info = keel.model(model or None)
+        k = top_k_param(None if top_k is None else str(top_k)) or keel.config.top_k
+        sources, key, refused = plan_job(keel.config, images, path)
+        return await run_job(keel, sources, key, info, k, refused)
+    except ClientError as exc:
+        return error(exc)
+    except EngineUnavailable as exc:
+        return error(f"{exc}; retry the task later (POST /batch/retry)", exc.status)
 
 
 def inside(path: Path, root: Path) -> bool:
@@ -84,16 +63,16 @@ def inside(path: Path, root: Path) -> bool:
 def resolve_under_root(root: str, requested: str) -> Path:
     """The resolved server-side path a job asks for, refused unless it lies under `root`."""
     if not root:
-        raise JobError("server-side paths are disabled on this server (KEEL_BATCH_ROOT is not set); "
+        raise ClientError("server-side paths are disabled on this server (KEEL_BATCH_ROOT is not set); "
                        "upload the images instead", 403)
     if not requested or "\x00" in requested:
-        raise JobError(f"path must be a non-empty path under the batch root, not {requested!r}")
+        raise ClientError(f"path must be a non-empty path under the batch root, not {requested!r}")
     base = Path(root).resolve()
     target = (base / requested).resolve()  # an absolute `requested` replaces `base` here, then must be under it
     if not target.is_relative_to(base):
-        raise JobError(f"path {requested!r} is outside the batch root", 403)
+        raise ClientError(f"path {requested!r} is outside the batch root", 403)
     if not target.exists():
-        raise JobError(f"path {requested!r}: no such file or folder under the batch root", 404)
+        raise ClientError(f"path {requested!r}: no such file or folder under the batch root", 404)
     return target
 
 
@@ -107,7 +86,7 @@ def server_inputs(root: str, requested: str) -> tuple[list[Item], dict[str, str]
     try:
         items = list_inputs(str(target))
     except BatchInputError as exc:
-        raise JobError(str(exc).replace(str(target), requested)) from None
+        raise ClientError(str(exc).replace(str(target), requested)) from None
     if target.is_dir():
         items = [(str((target / key).relative_to(base)), path) for key, path in items]
     elif len(items) == 1 and items[0][1] == target:  # a single image
@@ -116,44 +95,33 @@ def server_inputs(root: str, requested: str) -> tuple[list[Item], dict[str, str]
     return items, refused
 
 
-def upload_name(path: Path) -> str:
-    """The client's file name of a BentoML upload: BentoML stores each part as tempfile's 'tmp' +
-    8 random characters + the uploaded base name."""
-    name = path.name
-    return name[11:] if name.startswith("tmp") and len(name) > 11 else name
-
-
-async def run_job(sources: list[tuple[str, Callable[[], bytes | str]]], key: str, model: ModelInfo, k: int,
-                  preprocess: Preprocess, infer: Infer, chunk_size: int,
+async def run_job(keel: Keel, sources: list[Source], key: str, model: ModelInfo, k: int,
                   refused: dict[str, str] | None = None) -> dict:
-    """Classify `sources` [(name, read bytes or an error)] in chunks of `chunk_size`, decoding
-    chunk i+1 while chunk i is in the batcher; rows are {key: name, "predictions"|"error"}."""
+    """Classify `sources` in chunks of one batcher batch, decoding chunk i+1 while chunk i is in the
+    batcher; rows are {key: name, "predictions"|"error"}, in order."""
     started = time.perf_counter()
     refused = refused or {}
 
-    async def decode(chunk: list[tuple[str, Callable[[], bytes | str]]]) -> list[np.ndarray | str]:
-        async def one(name: str, read: Callable[[], bytes | str]) -> np.ndarray | str:
-            if name in refused:
-                return refused[name]
-            data = await asyncio.to_thread(read)
-            return data if isinstance(data, str) else await preprocess(data)
+    async def decode(chunk: list[Source]) -> list:
+        async def load(name: str, read: Callable[[], bytes | str]) -> bytes | str:
+            return refused[name] if name in refused else await asyncio.to_thread(read)
 
-        return await asyncio.gather(*(one(name, read) for name, read in chunk))
+        loaded = await asyncio.gather(*(load(name, read) for name, read in chunk))
+        inputs = await keel.preprocess_each([data for data in loaded if isinstance(data, bytes)], model)
+        decodes = iter(inputs)
+        return [next(decodes) if isinstance(data, bytes) else data for data in loaded]
 
-    chunks = [sources[i:i + chunk_size] for i in range(0, len(sources), chunk_size)]
+    size = keel.config.max_batch_size
+    chunks = [sources[i:i + size] for i in range(0, len(sources), size)]
     rows: list[dict] = []
     next_decode = asyncio.ensure_future(decode(chunks[0])) if chunks else None
     try:
         for index, chunk in enumerate(chunks):
-            loaded = await next_decode
+            inputs = await next_decode
             next_decode = asyncio.ensure_future(decode(chunks[index + 1])) if index + 1 < len(chunks) else None
-            good = [i for i, item in enumerate(loaded) if isinstance(item, np.ndarray)]
-            probabilities = dict(zip(good, await infer(np.stack([loaded[i] for i in good])))) if good else {}
-            for i, (name, _) in enumerate(chunk):
-                if i in probabilities:
-                    rows.append({key: name, "predictions": top_k(probabilities[i], model.labels, k)})
-                else:
-                    rows.append({key: name, "error": loaded[i]})
+            batch = decoded(inputs)
+            probabilities = await keel.infer(model.name, batch) if batch is not None else []
+            rows += result_rows(key, [name for name, _ in chunk], inputs, probabilities, model.labels, k)
     finally:
         if next_decode is not None:
             next_decode.cancel()
@@ -162,13 +130,14 @@ async def run_job(sources: list[tuple[str, Callable[[], bytes | str]]], key: str
             "failed": failed, "results": rows, "seconds": round(time.perf_counter() - started, 3)}
 
 
-def plan_job(config: JobsConfig, images: list[Path], path: str, max_bytes: int
-             ) -> tuple[list[tuple[str, Callable[[], bytes | str]]], str, dict[str, str]]:
-    """What a submitted job reads: (sources, the row key, refused inputs), or JobError."""
+def plan_job(config: ServiceConfig, images: list[Path], path: str) -> tuple[list[Source], str, dict[str, str]]:
+    """What a submitted job reads: (sources, the row key, refused inputs), or ClientError. Each file is
+    read only when its turn comes, and only up to KEEL_MAX_UPLOAD_BYTES."""
+    max_bytes = config.max_upload_bytes
     if images and path:
-        raise JobError("send either images or a path, not both")
+        raise ClientError("send either images or a path, not both")
     if not images and not path:
-        raise JobError("a job needs images (multipart `images` parts) or a server-side `path`")
+        raise ClientError("a job needs images (multipart `images` parts) or a server-side `path`")
     if images:
         sources = [(upload_name(p), lambda p=p: read_file(p, max_bytes)) for p in images]
         key, refused = "filename", {}
@@ -177,6 +146,6 @@ def plan_job(config: JobsConfig, images: list[Path], path: str, max_bytes: int
         sources = [(name, lambda p=p: read_file(p, max_bytes)) for name, p in items]
         key = "path"
     if len(sources) > config.job_max_images:
-        raise JobError(f"a job may hold at most {config.job_max_images} images (KEEL_JOB_MAX_IMAGES), "
+        raise ClientError(f"a job may hold at most {config.job_max_images} images (KEEL_JOB_MAX_IMAGES), "
                        f"this one has {len(sources)}", 413)
     return sources, key, refused

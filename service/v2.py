@@ -2,12 +2,12 @@
 (`tritonclient.http`, KServe's) work against Keel unchanged. Read as a spec:
 
   GET  /v2                                   server metadata: name, version, extensions
-  GET  /v2/health/live, /v2/health/ready     200, or 503 while not ready (as /readyz)
+  GET  /v2/health/live, /v2/health/ready     200, or 400 while not ready (as /readyz); no body
   POST /v2/repository/index                  the served models: [{"name", "version", "state"}]
   GET  /v2/models/{name}[/versions/{v}]      model metadata: input `input` FP32 [-1,3,S,S],
                                              output `probabilities` FP32 [-1,classes];
                                              `parameters` carries Keel's labels and preprocessing
-  GET  /v2/models/{name}[/versions/{v}]/ready
+  GET  /v2/models/{name}[/versions/{v}]/ready   200 or 400, no body; 404 for an unknown model
   GET  /v2/models/{name}[/versions/{v}]/config   Triton's model configuration (max_batch_size...)
   POST /v2/models/{name}[/versions/{v}]/infer    preprocessed tensors in, probabilities out
 
@@ -30,7 +30,8 @@ Not offered: the shared-memory extensions (400), statistics, tracing, logging an
 service's own request timeout and batcher govern every request alike.
 
 Pure translation functions (request bytes -> arrays, arrays -> response bytes) come first; the
-Starlette handlers at the end only add HTTP and call the current service.
+Starlette handlers at the end only add HTTP, and take the service's state (service/core.py)
+explicitly.
 """
 
 from __future__ import annotations
@@ -38,36 +39,26 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import logging
 import math
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.config import ServiceConfig
+import service
+from service.core import Keel
+from service.errors import ClientError, EngineUnavailable, error
 from service.inference import INPUT_NAME, OUTPUT_NAME, ModelInfo
-from service.uploads import UploadError, capped_body
-
-log = logging.getLogger("bentoml.keel")
+from service.uploads import capped_body
 
 DATATYPE = "FP32"  # the only tensor type Keel models take and give (besides BYTES for classification)
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration")
 PLATFORM = "onnxruntime_onnx"  # what Triton reports for an ONNX model
-
-
-class ProtocolError(ValueError):
-    """A request the protocol refuses; `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -131,17 +122,17 @@ def decompress(body: bytes, encoding: str | None, max_bytes: int) -> bytes:
     if encoding == "identity":
         return body
     if encoding not in ("gzip", "deflate"):
-        raise ProtocolError(f"unsupported Content-Encoding {encoding!r}: use gzip, deflate or none", 415)
+        raise ClientError(f"unsupported Content-Encoding {encoding!r}: use gzip, deflate or none", 415)
     # wbits: 16 + MAX_WBITS reads a gzip wrapper, MAX_WBITS a zlib one (HTTP's "deflate")
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
     try:
         data = inflater.decompress(body, max_bytes + 1)
     except zlib.error as exc:
-        raise ProtocolError(f"body is not valid {encoding} data: {exc}") from None
+        raise ClientError(f"body is not valid {encoding} data: {exc}") from None
     if len(data) > max_bytes:
-        raise ProtocolError(f"decompressed request body is over the limit of {max_bytes} bytes", 413)
+        raise ClientError(f"decompressed request body is over the limit of {max_bytes} bytes", 413)
     if not inflater.eof:
-        raise ProtocolError(f"body is truncated {encoding} data")
+        raise ClientError(f"body is truncated {encoding} data")
     return data
 
 
@@ -151,16 +142,16 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
         header, binary = body, b""
     else:
         if not header_length.strip().isdigit() or int(header_length) > len(body):
-            raise ProtocolError(f"{HEADER_LENGTH} must be a byte count within the body's {len(body)} bytes, "
+            raise ClientError(f"{HEADER_LENGTH} must be a byte count within the body's {len(body)} bytes, "
                                 f"not {header_length!r}")
         header, binary = body[:int(header_length)], body[int(header_length):]
     try:
         request = json.loads(header)
     except (UnicodeDecodeError, ValueError) as exc:
         hint = f" (binary tensor data needs the {HEADER_LENGTH} header)" if header_length is None else ""
-        raise ProtocolError(f"inference request is not valid JSON: {exc}{hint}") from None
+        raise ClientError(f"inference request is not valid JSON: {exc}{hint}") from None
     if not isinstance(request, dict):
-        raise ProtocolError("inference request must be a JSON object")
+        raise ClientError("inference request must be a JSON object")
     return request, binary
 
 
@@ -169,25 +160,25 @@ def parse_infer_request(body: bytes, header_length: str | None, info: ModelInfo)
     request, binary = split_body(body, header_length)
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise ProtocolError("'id' must be a string")
+        raise ClientError("'id' must be a string")
     parameters = _parameters(request, "inference request")
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:
-        raise ProtocolError(f"'inputs' must be a non-empty list of tensors; this model takes one, {INPUT_NAME!r}")
+        raise ClientError(f"'inputs' must be a non-empty list of tensors; this model takes one, {INPUT_NAME!r}")
     if len(inputs) != 1 or not isinstance(inputs[0], dict) or inputs[0].get("name") != INPUT_NAME:
         names = [tensor.get("name") if isinstance(tensor, dict) else tensor for tensor in inputs]
-        raise ProtocolError(f"this model takes exactly one input, {INPUT_NAME!r}; got {names}")
+        raise ClientError(f"this model takes exactly one input, {INPUT_NAME!r}; got {names}")
     batch = parse_input(inputs[0], binary, info)
     default_binary = _flag(parameters, "binary_data_output", "inference request")
     outputs = request.get("outputs")
     if outputs is None:
         requested = (RequestedOutput(OUTPUT_NAME, default_binary, 0),)
     elif not isinstance(outputs, list):
-        raise ProtocolError("'outputs' must be a list of requested outputs")
+        raise ClientError("'outputs' must be a list of requested outputs")
     else:
         requested = tuple(parse_output(output, default_binary, len(info.labels)) for output in outputs)
         if len(requested) > 1:  # one name, one tensor: clients key results by output name
-            raise ProtocolError(f"output {OUTPUT_NAME!r} requested {len(requested)} times; ask for it once")
+            raise ClientError(f"output {OUTPUT_NAME!r} requested {len(requested)} times; ask for it once")
     return InferRequest(request_id, batch, requested)
 
 
@@ -197,73 +188,73 @@ def parse_input(tensor: dict, binary: bytes, info: ModelInfo) -> np.ndarray:
     expected = [3, size, size]
     datatype, shape = tensor.get("datatype"), tensor.get("shape")
     if datatype != DATATYPE:
-        raise ProtocolError(f"input {INPUT_NAME!r} must have datatype {DATATYPE}, not {datatype!r}")
+        raise ClientError(f"input {INPUT_NAME!r} must have datatype {DATATYPE}, not {datatype!r}")
     if (not isinstance(shape, list) or len(shape) != 4 or shape[1:] != expected
             or not all(type(d) is int for d in shape) or shape[0] < 1):
-        raise ProtocolError(f"input {INPUT_NAME!r} must have shape [N, {', '.join(map(str, expected))}] "
+        raise ClientError(f"input {INPUT_NAME!r} must have shape [N, {', '.join(map(str, expected))}] "
                             f"with N >= 1 (preprocessed {size}x{size} RGB images), not {shape}")
     count = math.prod(shape)
     parameters = _parameters(tensor, f"input {INPUT_NAME!r}")
     if "shared_memory_region" in parameters:
-        raise ProtocolError("the shared-memory extension is not supported: send the data in the request")
+        raise ClientError("the shared-memory extension is not supported: send the data in the request")
     size_in_bytes = parameters.get("binary_data_size")
     data = tensor.get("data")  # null counts as absent
     if size_in_bytes is not None:
         if data is not None:
-            raise ProtocolError(f"input {INPUT_NAME!r} has both 'data' and binary_data_size")
+            raise ClientError(f"input {INPUT_NAME!r} has both 'data' and binary_data_size")
         if type(size_in_bytes) is not int or size_in_bytes != count * 4:
-            raise ProtocolError(f"input {INPUT_NAME!r}: binary_data_size must be {count * 4} "
+            raise ClientError(f"input {INPUT_NAME!r}: binary_data_size must be {count * 4} "
                                 f"(shape {shape} of {DATATYPE}), not {size_in_bytes!r}")
         if len(binary) != size_in_bytes:
-            raise ProtocolError(f"binary tensor data is {len(binary)} bytes after the JSON header, "
+            raise ClientError(f"binary tensor data is {len(binary)} bytes after the JSON header, "
                                 f"but binary_data_size says {size_in_bytes}")
         array = np.frombuffer(binary, dtype="<f4")
     else:
         if binary:
-            raise ProtocolError(f"{len(binary)} bytes of binary data after the JSON header, "
+            raise ClientError(f"{len(binary)} bytes of binary data after the JSON header, "
                                 "but no input has a binary_data_size parameter")
         if data is None:
-            raise ProtocolError(f"input {INPUT_NAME!r} has neither 'data' nor a binary_data_size parameter")
+            raise ClientError(f"input {INPUT_NAME!r} has neither 'data' nor a binary_data_size parameter")
         try:
             array = np.asarray(data)
         except ValueError:  # ragged nesting
-            raise ProtocolError(f"input {INPUT_NAME!r}: 'data' is a ragged nested list") from None
+            raise ClientError(f"input {INPUT_NAME!r}: 'data' is a ragged nested list") from None
         if array.dtype.kind not in "iuf":  # booleans, strings, nulls, objects
-            raise ProtocolError(f"input {INPUT_NAME!r}: 'data' must hold only numbers for {DATATYPE}")
+            raise ClientError(f"input {INPUT_NAME!r}: 'data' must hold only numbers for {DATATYPE}")
         if array.size != count:
-            raise ProtocolError(f"input {INPUT_NAME!r}: 'data' has {array.size} elements, "
+            raise ClientError(f"input {INPUT_NAME!r}: 'data' has {array.size} elements, "
                                 f"shape {shape} needs {count}")
     batch = array.astype(np.float32, copy=False).reshape(shape)
     if not np.isfinite(batch).all():
-        raise ProtocolError(f"input {INPUT_NAME!r} contains NaN or infinite values")
+        raise ClientError(f"input {INPUT_NAME!r} contains NaN or infinite values")
     return batch
 
 
 def parse_output(output: object, default_binary: bool, classes: int) -> RequestedOutput:
     if not isinstance(output, dict) or output.get("name") != OUTPUT_NAME:
         name = output.get("name") if isinstance(output, dict) else output
-        raise ProtocolError(f"unknown output {name!r}: this model has one output, {OUTPUT_NAME!r}")
+        raise ClientError(f"unknown output {name!r}: this model has one output, {OUTPUT_NAME!r}")
     parameters = _parameters(output, f"output {OUTPUT_NAME!r}")
     if "shared_memory_region" in parameters:
-        raise ProtocolError("the shared-memory extension is not supported: outputs come in the response")
+        raise ClientError("the shared-memory extension is not supported: outputs come in the response")
     binary = _flag(parameters, "binary_data", f"output {OUTPUT_NAME!r}", default_binary)
     k = parameters.get("classification", 0)
     if type(k) is not int or k < 0:
-        raise ProtocolError(f"output {OUTPUT_NAME!r}: classification must be a non-negative integer, not {k!r}")
+        raise ClientError(f"output {OUTPUT_NAME!r}: classification must be a non-negative integer, not {k!r}")
     return RequestedOutput(OUTPUT_NAME, binary, min(k, classes))  # Triton returns at most `classes`
 
 
 def _parameters(owner: dict, what: str) -> dict:
     parameters = owner.get("parameters") or {}  # KServe's client sends null for none
     if not isinstance(parameters, dict):
-        raise ProtocolError(f"{what}: 'parameters' must be a JSON object")
+        raise ClientError(f"{what}: 'parameters' must be a JSON object")
     return parameters
 
 
 def _flag(parameters: dict, key: str, what: str, default: bool = False) -> bool:
     value = parameters.get(key, default)
     if not isinstance(value, bool):
-        raise ProtocolError(f"{what}: parameter {key!r} must be true or false, not {value!r}")
+        raise ClientError(f"{what}: parameter {key!r} must be true or false, not {value!r}")
     return value
 
 
@@ -321,105 +312,72 @@ def compress(body: bytes, accept_encoding: str) -> tuple[bytes, str | None]:
 # ----------------------------------------------------------------------------- HTTP
 
 
-def error(message: str, status: int = 400) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-def keel_version() -> str:
-    try:
-        import importlib.metadata
-
-        return importlib.metadata.version("keel")
-    except Exception:  # not installed: a checkout or a Bento; the pyproject beside the code says
-        import tomllib
-
-        try:
-            return tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["version"]
-        except Exception:
-            return "unknown"
-
-
-def current() -> object:
-    import bentoml
-
-    return bentoml.get_current_service()
-
-
-def find_model(request: Request) -> ModelInfo:
+def find_model(keel: Keel, request: Request) -> ModelInfo:
     """The model (and version, when the path names one) a request addresses, or 404."""
     name = request.path_params["name"]
-    models = current().models
-    info = models.get(name)
+    info = keel.models.get(name)
     if info is None:
-        raise ProtocolError(f"unknown model {name!r}; this server has {', '.join(sorted(models))}", 404)
+        raise ClientError(f"unknown model {name!r}; this server has {', '.join(sorted(keel.models))}", 404)
     version = request.path_params.get("version")
     if version is not None and version != info.version:
-        raise ProtocolError(f"model {name!r} has no version {version!r}; it has {info.version!r}", 404)
+        raise ClientError(f"model {name!r} has no version {version!r}; it has {info.version!r}", 404)
     return info
 
 
-async def service_ready(service) -> bool:
-    """What BentoML's /readyz answers: the service's own __is_ready__ (every model loaded and warm)."""
-    return await service.__is_ready__()
+def health(ok: bool) -> Response:
+    """A health answer as the protocol says: the status alone, 200 for true and a 4xx (400, as Triton
+    answers) for false, and an empty body."""
+    return Response(status_code=200 if ok else 400)
 
 
-def routes(config: ServiceConfig) -> list[Route]:
-    """The /v2 routes, to add to the service's Starlette app."""
-    version = keel_version()
+def routes() -> list[Route]:
+    """The /v2 routes, for the Starlette app mounted in the service. Each serves the Keel in its app's
+    state (`app.state.keel`), which the service sets when it has built it."""
 
     def handler(endpoint):
         async def handle(request: Request) -> Response:
             try:
-                return await endpoint(request)
-            except (ProtocolError, UploadError) as exc:
-                return error(str(exc), exc.status)
+                return await endpoint(request.app.state.keel, request)
+            except (ClientError, EngineUnavailable) as exc:
+                return error(exc)
         return handle
 
-    async def server(request: Request) -> Response:
-        return JSONResponse(server_metadata(version))
+    async def server(keel: Keel, request: Request) -> Response:
+        return JSONResponse(server_metadata(service.__version__))
 
-    async def live(request: Request) -> Response:
-        return JSONResponse({"live": True})  # answering at all is liveness
+    async def live(keel: Keel, request: Request) -> Response:
+        return health(True)  # answering at all is liveness
 
-    async def ready(request: Request) -> Response:
-        is_ready = await service_ready(current())
-        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+    async def ready(keel: Keel, request: Request) -> Response:
+        return health(keel.ready)  # what /readyz says: every model loaded and warm
 
-    async def metadata(request: Request) -> Response:
-        return JSONResponse(model_metadata(find_model(request)))
+    async def metadata(keel: Keel, request: Request) -> Response:
+        return JSONResponse(model_metadata(find_model(keel, request)))
 
-    async def index(request: Request) -> Response:
+    async def index(keel: Keel, request: Request) -> Response:
         # Triton's repository index, how its clients discover the served models (loading and
         # unloading, the rest of that extension, are not offered: models are fixed at start-up)
-        state = "READY" if await service_ready(current()) else "UNAVAILABLE"
+        state = "READY" if keel.ready else "UNAVAILABLE"
         return JSONResponse([{"name": info.name, "version": info.version, "state": state}
-                             for info in current().models.values()])
+                             for info in keel.models.values()])
 
-    async def model_ready(request: Request) -> Response:
-        info = find_model(request)
-        is_ready = await service_ready(current())
-        return JSONResponse({"name": info.name, "ready": is_ready}, status_code=200 if is_ready else 503)
+    async def model_ready(keel: Keel, request: Request) -> Response:
+        find_model(keel, request)  # an unknown model is a 404 with its reason, which reads as false too
+        return health(keel.ready)
 
-    async def configuration(request: Request) -> Response:
-        return JSONResponse(model_config(find_model(request), config.max_batch_size, config.max_latency_ms))
+    async def configuration(keel: Keel, request: Request) -> Response:
+        return JSONResponse(model_config(find_model(keel, request), keel.config.max_batch_size,
+                                         keel.config.max_latency_ms))
 
-    async def infer(request: Request) -> Response:
-        info = find_model(request)
-        body = b"".join([chunk async for chunk in capped_body(request, config.max_upload_bytes)])
-        body = decompress(body, request.headers.get("content-encoding"), config.max_upload_bytes)
+    async def infer(keel: Keel, request: Request) -> Response:
+        info = find_model(keel, request)
+        limit = keel.config.max_upload_bytes
+        body = b"".join([chunk async for chunk in capped_body(request, limit)])
+        body = decompress(body, request.headers.get("content-encoding"), limit)
         # json.loads and the list -> array conversion of a large JSON tensor take long enough to
         # stall other requests on this worker's event loop
         parsed = await asyncio.to_thread(parse_infer_request, body, request.headers.get(HEADER_LENGTH), info)
-        # As /classify_batch: chunks of at most one batcher batch, sent concurrently, so a large
-        # request shares batches with others and never exceeds the batch sizes warmed up for.
-        size = config.max_batch_size
-        chunks = [parsed.batch[i:i + size] for i in range(0, len(parsed.batch), size)]
-        try:
-            answers = await asyncio.gather(*(current().infer(info.name, chunk) for chunk in chunks))
-        except Exception as exc:  # EngineUnavailable: overloaded, timed out or restarting
-            log.warning("V2 inference failed: %r", exc)
-            return JSONResponse({"error": f"{exc}; retry later"}, status_code=503, headers={"Retry-After": "1"})
-        probabilities = np.concatenate(answers)
+        probabilities = await keel.infer(info.name, parsed.batch)
         body, header_length = build_infer_response(parsed, info, probabilities)
         body, encoding = compress(body, request.headers.get("accept-encoding", ""))
         headers = {}
@@ -430,7 +388,7 @@ def routes(config: ServiceConfig) -> list[Route]:
         media_type = "application/octet-stream" if header_length is not None else "application/json"
         return Response(body, media_type=media_type, headers=headers)
 
-    async def not_found(request: Request) -> Response:
+    async def not_found(keel: Keel, request: Request) -> Response:
         return error(f"no such V2 endpoint: {request.method} {request.url.path}", 404)
 
     model_paths = ["/v2/models/{name}", "/v2/models/{name}/versions/{version}"]

@@ -1,20 +1,20 @@
-"""Session fixtures: one tiny data set, one real training run, one real export, shared by the suite.
+"""Session fixtures: one tiny data set, one real training run, one real export and a server for it,
+shared by the suite; and a model made in milliseconds for the fast tests. Helpers: tests/support.py.
 
-Everything is made here, in temporary folders: no test downloads anything or needs a GPU.
+Everything is made here, in temporary folders: no test downloads anything or needs a GPU. Tests that
+train, export or start servers are marked `slow`: `pytest -m "not slow"` runs the others in seconds.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO, Server, free_port, run_python, serve  # noqa: F401 (also imported from here)
+
 # Optional, for development only (CI leaves it unset): a folder where the data set and the tiny training
 # run are kept between pytest invocations, keyed by a hash of the code that makes them.
 CACHE = os.environ.get("KEEL_TEST_CACHE")
@@ -22,6 +22,17 @@ CACHE = os.environ.get("KEEL_TEST_CACHE")
 TINY_TRAINING = dict(arch="alexnet_bn", width=0.25, model_args={"dropout": 0.0}, image_size=64, resize=64,
                      epochs=12, batch_size=64, optimizer="adamw", lr=0.003, weight_decay=0.05, label_smoothing=0.0,
                      min_crop_scale=0.8, workers=0, seed=0)
+
+
+# What makes a test slow (seconds to minutes on 2 cores): the data set, the training runs, the exports
+# and the servers below. A test that uses one is marked `slow` here, whether or not it says so itself.
+SLOW_FIXTURES = {"shapes_data", "trained_run", "exported_model", "second_model", "server"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def _cached(tmp_path_factory, name: str, sources: list[str], extra: str, make) -> Path:
@@ -77,76 +88,84 @@ def exported_model(trained_run, tmp_path_factory) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@pytest.fixture(scope="session")
+def server(exported_model, tmp_path_factory) -> Iterator[Server]:
+    """The service as shipped (KEEL_* defaults) serving the tiny training run's model."""
+    with serve(tmp_path_factory.mktemp("bentoml"), KEEL_MODEL=str(exported_model)) as srv:
+        yield srv
 
 
-def run_python(*args: str, env: dict | None = None, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    """Run `python ARGS` from the repository root, as a user would from the README."""
-    return subprocess.run([sys.executable, *args], cwd=REPO, env={**os.environ, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout, **kwargs)
-
-
-class Server:
-    """A real `bentoml serve` process on 127.0.0.1:<free port>, always stopped."""
-
-    def __init__(self, env: dict[str, str], log_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        bentoml = str(Path(sys.executable).with_name("bentoml"))
-        self.process = subprocess.Popen(
-            [bentoml, "serve", "service.service:Classifier", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=REPO, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()[-5000:]
-
-    def stop(self) -> int:
-        import signal
-
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        self.log.close()
-        return self.process.returncode
+TINY_LABELS = ("circle", "square", "star", "triangle")
 
 
 @pytest.fixture(scope="session")
-def server(exported_model, tmp_path_factory):
-    home = tmp_path_factory.mktemp("bentoml")
-    srv = Server({"KEEL_MODEL": str(exported_model), "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"},
-                 home / "server.log")
+def tiny_model(tmp_path_factory) -> Path:
+    """A Keel model made in milliseconds, for the fast tests of everything around inference: a real
+    ONNX graph with Keel's metadata (written by ModelInfo, as export writes it), run by ONNX Runtime.
+    16 x 16 input; probabilities from the mean colour (global average pool, a fixed linear layer,
+    softmax), so different images get different answers."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from service.inference import INPUT_NAME, OUTPUT_NAME, ModelInfo
+    from service.preprocessing import PreprocessSpec
+
+    weights = np.array([[4, -2, 0, 1], [-2, 4, 1, 0], [0, 1, 4, -2]], dtype=np.float32)  # RGB -> 4 classes
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", [INPUT_NAME], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["colour"], axis=1),
+         helper.make_node("Gemm", ["colour", "weights", "bias"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], [OUTPUT_NAME], axis=-1)],
+        "tiny",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", len(TINY_LABELS)])],
+        [numpy_helper.from_array(weights, "weights"),
+         numpy_helper.from_array(np.zeros(len(TINY_LABELS), np.float32), "bias")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    info = ModelInfo(name="keel-tiny", version="0123456789ab", arch="tiny", labels=TINY_LABELS,
+                     preprocessing=PreprocessSpec(resize=16, crop=16), checkpoint_sha256="0123456789ab" + "0" * 52)
+    for key, value in info.to_metadata().items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def service_app(tiny_model, tmp_path_factory):
+    """The service as `bentoml serve` assembles it (service/service.py's Classifier: middleware, guards,
+    typed endpoints, mounted routes), in this process, serving `tiny_model` with one worker's settings,
+    behind Starlette's test client; ready (models warm) when yielded. The module reads its settings
+    from the environment when imported, so this imports it (again) with the test's."""
+    import importlib
+    import sys
+    import time
+
+    from starlette.testclient import TestClient
+
+    env = {"KEEL_MODEL": str(tiny_model), "KEEL_WORKERS": "1", "KEEL_CPU_THREADS": "1",
+           "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml-in-process")), "BENTOML_DO_NOT_TRACK": "True"}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
     try:
-        srv.wait_ready()
-        yield srv
+        module = importlib.reload(sys.modules["service.service"]) if "service.service" in sys.modules else \
+            importlib.import_module("service.service")
+        with TestClient(module.Classifier.to_asgi()) as client:
+            deadline = time.monotonic() + 60
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "the in-process service did not get ready"
+                time.sleep(0.05)
+            yield client
     finally:
-        srv.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 # A second, different model for multi-model serving: another architecture with another resize,

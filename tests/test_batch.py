@@ -12,8 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from PIL import Image
 
 from service.inference import OnnxClassifier, top_k
 from service.preprocessing import find_images, preprocess_bytes
-from tests.conftest import REPO, run_python
+from tests.support import REPO, classify_file, run_python
 from tests.test_training import REQUIRED_TEST_ACCURACY
 
 
@@ -31,17 +29,6 @@ def batch(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 def rows_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def classify(url: str, data: bytes) -> dict:
-    """POST /classify on the real server, as a client would."""
-    boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    request = urllib.request.Request(f"{url}/classify", data=body, method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +94,8 @@ def test_batch_answers_equal_the_service(server, exported_model, mixed_images, t
         if row["path"] == "corrupt.png":
             assert "not a recognised image format" in row["error"]
         else:
-            assert row["predictions"] == classify(server.url, (mixed_images / row["path"]).read_bytes())["predictions"]
+            _, answer = classify_file(server.url, (mixed_images / row["path"]).read_bytes())
+            assert row["predictions"] == answer["predictions"]
 
 
 def test_manifests_stdin_and_csv_output(exported_model, mixed_images, tmp_path):

@@ -7,43 +7,26 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 
-from service.jobs import JobError, JobsConfig, plan_job, resolve_under_root, server_inputs
+from service.config import ServiceConfig
+from service.errors import ClientError
+from service.jobs import plan_job, resolve_under_root, server_inputs
 from service.preprocessing import find_images
-from tests.conftest import Server
-from tests.test_batch import classify
-
-
-def request(url: str, body: bytes | None = None, content_type: str = "application/json") -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET",
-                                 headers={"Content-Type": content_type} if body is not None else {})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+from tests.support import classify_file, multipart, request, serve
 
 
 def submit_json(url: str, payload: dict) -> str:
-    status, answer = request(f"{url}/batch/submit", json.dumps(payload).encode())
+    status, answer = request(f"{url}/batch/submit", json.dumps(payload).encode(), "application/json")
     assert status == 200 and answer["status"] == "in_progress", answer
     return answer["task_id"]
 
 
 def submit_files(url: str, files: list[tuple[str, bytes]], **fields: str) -> str:
-    boundary = uuid.uuid4().hex
-    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n".encode()
-             for name, value in fields.items()]
-    parts += [(f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"{name}\"\r\n"
-               f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n" for name, data in files]
-    status, answer = request(f"{url}/batch/submit", b"".join(parts) + f"--{boundary}--\r\n".encode(),
-                             f"multipart/form-data; boundary={boundary}")
+    status, answer = request(f"{url}/batch/submit",
+                             *multipart([("images", name, data) for name, data in files], fields))
     assert status == 200, answer
     return answer["task_id"]
 
@@ -82,13 +65,13 @@ def test_paths_are_confined_to_the_root(batch_root):
     assert resolve_under_root(root, str(batch_root / "images")) == (batch_root / "images").resolve()  # absolute, inside
     for escape in ("..", "../outside/secret", "images/../../outside", "/etc", "/etc/passwd", "escape",
                    "escape/00000.png", "/no/such/place"):
-        with pytest.raises(JobError, match="outside the batch root") as refused:
+        with pytest.raises(ClientError, match="outside the batch root") as refused:
             resolve_under_root(root, escape)
         assert refused.value.status == 403
-    with pytest.raises(JobError, match="disabled") as disabled:
+    with pytest.raises(ClientError, match="disabled") as disabled:
         resolve_under_root("", "images")
     assert disabled.value.status == 403
-    with pytest.raises(JobError, match="no such file") as missing:
+    with pytest.raises(ClientError, match="no such file") as missing:
         resolve_under_root(root, "images/nope")
     assert missing.value.status == 404
 
@@ -102,36 +85,25 @@ def test_paths_are_confined_to_the_root(batch_root):
 
 
 def test_job_limits_and_configuration(batch_root):
-    config = JobsConfig(batch_root=str(batch_root), job_max_images=3)
-    sources, key, _ = plan_job(config, [], "list.txt", 1 << 20)
+    config = ServiceConfig(batch_root=str(batch_root), job_max_images=3, max_upload_bytes=1 << 20)
+    sources, key, _ = plan_job(config, [], "list.txt")
     assert key == "path" and len(sources) == 3
-    with pytest.raises(JobError, match="at most 3 images") as too_many:
-        plan_job(config, [], "images", 1 << 20)
+    with pytest.raises(ClientError, match="at most 3 images") as too_many:
+        plan_job(config, [], "images")
     assert too_many.value.status == 413
-    with pytest.raises(JobError, match="either images or a path"):
-        plan_job(config, [batch_root / "list.txt"], "images", 1 << 20)
+    with pytest.raises(ClientError, match="either images or a path"):
+        plan_job(config, [batch_root / "list.txt"], "images")
     # a file over the upload limit is an error row, never read into memory
-    sources, _, _ = plan_job(config, [], "images/star/00000.png", 10)
+    sources, _, _ = plan_job(ServiceConfig(batch_root=str(batch_root), max_upload_bytes=10), [],
+                             "images/star/00000.png")
     assert sources[0][1]().startswith("file is") and "over the limit of 10" in sources[0][1]()
-    assert JobsConfig.from_env({"KEEL_BATCH_ROOT": str(batch_root), "KEEL_JOB_MAX_IMAGES": "7"}) == \
-        JobsConfig(str(batch_root), 7)
-    for env, message in (({"KEEL_BATCH_ROOT": str(batch_root / "nope")}, "is not a folder"),
-                         ({"KEEL_JOB_MAX_IMAGES": "many"}, "must be an integer"),
-                         ({"KEEL_JOB_MAX_IMAGES": "0"}, "must be positive")):
-        with pytest.raises(ValueError, match=message):
-            JobsConfig.from_env(env)
 
 
 @pytest.fixture(scope="module")
 def job_server(exported_model, batch_root, tmp_path_factory):
-    home = tmp_path_factory.mktemp("bentoml-jobs")
-    srv = Server({"KEEL_MODEL": str(exported_model), "KEEL_BATCH_ROOT": str(batch_root), "BENTOML_HOME": str(home),
-                  "BENTOML_DO_NOT_TRACK": "True"}, home / "server.log")
-    try:
-        srv.wait_ready()
+    with serve(tmp_path_factory.mktemp("bentoml-jobs"), KEEL_MODEL=str(exported_model),
+               KEEL_BATCH_ROOT=str(batch_root)) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_task_endpoint_end_to_end(job_server, batch_root):
@@ -149,7 +121,7 @@ def test_task_endpoint_end_to_end(job_server, batch_root):
     assert "image" in answer["results"][-1]["error"] and "predictions" not in answer["results"][-1]
     for row, (_, data) in zip(answer["results"], uploads):
         if "predictions" in row:  # the same answers as /classify, top 3
-            assert row["predictions"] == classify(url, data)["predictions"][:3]
+            assert row["predictions"] == classify_file(url, data)[1]["predictions"][:3]
 
     status, code, answer = result(url, path_task)
     assert (status, code) == ("completed", 200), answer
@@ -160,7 +132,7 @@ def test_task_endpoint_end_to_end(job_server, batch_root):
     assert "error" in rows["images/corrupt.png"]
     for path in stars:
         key = str(path.relative_to(batch_root))
-        assert rows[key]["predictions"] == classify(url, path.read_bytes())["predictions"]
+        assert rows[key]["predictions"] == classify_file(url, path.read_bytes())[1]["predictions"]
 
     status, code, answer = result(url, manifest_task)
     assert (status, code) == ("completed", 200)
@@ -181,7 +153,7 @@ def test_task_endpoint_refuses_bad_jobs_with_a_clear_4xx(job_server, payload, co
     status, http_code, answer = result(job_server.url, submit_json(job_server.url, payload))
     assert (status, http_code) == ("failed", code) and message in answer["error"], answer
     # the synchronous form of the same endpoint answers the same at once
-    assert request(f"{job_server.url}/batch", json.dumps(payload).encode()) == (code, answer)
+    assert request(f"{job_server.url}/batch", json.dumps(payload).encode(), "application/json") == (code, answer)
 
 
 def test_server_side_paths_are_off_without_a_root(server):

@@ -20,18 +20,17 @@ from pathlib import Path
 import pytest
 
 from service.preprocessing import find_images
-from tests.conftest import REPO, free_port, run_python
-from tests.test_service import classify_file, post
+from tests.support import REPO, classify_file, free_port, request, run_python
 from tests.test_training import REQUIRED_TEST_ACCURACY
 
 TOOLS = ("podman", "runc", "debootstrap")
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 MISSING = [tool for tool in TOOLS if shutil.which(tool, path=SEARCH_PATH) is None]
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     bool(MISSING) or os.geteuid() != 0,
     reason=(f"{', '.join(MISSING)} not installed (`make container-tools` installs them as root)" if MISSING
             else "building the base image needs root (debootstrap, rootful podman)"),
-)
+)]
 
 IMAGE = "localhost/keel:pytest"
 CONTAINERS_CONF = str(REPO / "deploy" / "containers.conf")
@@ -183,9 +182,9 @@ def test_container_classifies_test_images(container, shapes_data):
 
 
 def test_container_refuses_bad_uploads_with_json(container):
-    code, answer = post(f"{container.url}/classify", b"this is not an image", "image/jpeg")
+    code, answer = request(f"{container.url}/classify", b"this is not an image", "image/jpeg")
     assert code == 400 and "not a recognised image format" in answer["error"]
-    code, answer = post(f"{container.url}/classify", b"{}", "application/json")
+    code, answer = request(f"{container.url}/classify", b"{}", "application/json")
     assert code == 415 and "error" in answer
 
 
@@ -212,6 +211,13 @@ def test_the_doctor_runs_in_the_image(image):
     assert model["provider"] == ("CUDAExecutionProvider" if gpu else "CPUExecutionProvider")
     missing = [lib["name"] for lib in report["cuda_libraries"]["libraries"] if not lib["loaded"]]
     assert missing == ([] if gpu else ["libcuda.so.1"]), report["cuda_libraries"]
+
+
+def test_container_reports_keels_version(container):
+    """GET /v2 says which Keel answers, from the code in the image (which has no pyproject.toml)."""
+    import service
+
+    assert request(f"{container.url}/v2")[1]["version"] == service.__version__
 
 
 def test_container_stops_cleanly_on_sigterm(container):

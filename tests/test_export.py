@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from export.onnx_export import OPSET, fold_batch_norm
-from service.inference import METADATA_PREFIX, OnnxClassifier
+from service.inference import METADATA_PREFIX, ModelInfo, OnnxClassifier, read_model_info
 from service.preprocessing import PreprocessSpec
-from tests.conftest import run_python
+from tests.support import run_python
 from training.checkpoint import FORMAT, load_checkpoint
 from training.models import build_model
 
@@ -44,6 +44,21 @@ def test_model_is_checked_and_self_describing(exported_model, trained_run):
     assert dt.datetime.fromisoformat(metadata["exported_at"]).tzinfo is not None
     info = OnnxClassifier(exported_model, device="cpu").info  # what the service and the batch job read
     assert info.precision == "fp32" and info.stability == checkpoint["stability"]
+
+
+def test_model_info_writes_the_metadata_it_reads(exported_model):
+    """ModelInfo is both sides of the format: what export wrote reads back into the same ModelInfo,
+    which writes exactly the file's metadata again (provenance it does not interpret included)."""
+    stored = {p.key: p.value for p in onnx.load(str(exported_model)).metadata_props}
+    info = read_model_info(exported_model)
+    assert info.to_metadata() == stored
+    assert ModelInfo.from_metadata(info.to_metadata(), "round trip") == info
+    assert set(info.extra) == {"model_args", "opset", "exporter"}
+    made = ModelInfo(name="m", version="v", arch="alexnet_bn", labels=("a", "b"),
+                     preprocessing=PreprocessSpec(resize=72, crop=64), metrics={"val_top1": 0.5},
+                     precision="int8", extra={"variant": '{"of_sha256": "x"}'})
+    assert ModelInfo.from_metadata(made.to_metadata(), "made") == made
+    assert all(key.startswith(METADATA_PREFIX) and isinstance(value, str) for key, value in made.to_metadata().items())
 
 
 def test_graph_is_folded_pinned_and_shape_checked(exported_model):
@@ -135,7 +150,7 @@ BAD = ["missing", "truncated", "random_bytes", "plain_state_dict", "other_format
 def test_cli_refuses_bad_input_with_one_line(case, trained_run, tmp_path):
     checkpoint, out, expected = _bad_checkpoints(tmp_path, trained_run)[case]
     result = run_python("-m", "export", str(checkpoint), "--out", str(out))
-    assert result.returncode == 1
+    assert result.returncode == 2  # unusable input, as every Keel command says it
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     named = out.parent if case == "unwritable_output" else checkpoint

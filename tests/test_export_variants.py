@@ -14,7 +14,7 @@ import pytest
 from export.onnx_export import OPSET
 from service.inference import METADATA_PREFIX, OnnxClassifier
 from service.preprocessing import decode_image, find_images, preprocess_bytes, resize_and_crop, to_rgb
-from tests.conftest import run_python
+from tests.support import run_python
 from training.checkpoint import load_checkpoint
 
 STORE_FILES = {"model.onnx", "model.parity.json", "model.fp16.onnx", "model.fp16.parity.json",
@@ -187,5 +187,5 @@ def test_variants_need_a_test_split(trained_run, tmp_path):
     out = tmp_path / "out" / "model.onnx"
     result = run_python("-m", "export", str(trained_run / "best.pt"), "--out", str(out), "--fp16",
                         "--test-images", str(empty))
-    assert result.returncode == 1 and f"error: {empty}: no images" in result.stderr
+    assert result.returncode == 2 and f"error: {empty}: no images" in result.stderr
     assert not out.parent.exists()  # refused before any work

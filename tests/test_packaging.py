@@ -8,7 +8,11 @@ import sys
 import tarfile
 from pathlib import Path
 
-from tests.conftest import REPO, run_python
+import pytest
+
+from tests.support import REPO, run_python
+
+pytestmark = pytest.mark.slow  # an export, a Bento build
 
 
 def requirement_names(text: str) -> set[str]:
@@ -26,7 +30,8 @@ def test_serving_modules_never_import_torch(exported_model):
 
 def test_serving_requirements_exclude_training_packages():
     packages = requirement_names((REPO / "requirements" / "serve.txt").read_text())
-    assert packages == {"bentoml", "onnxruntime-gpu", "pillow", "numpy", "starlette", "httptools", "uvloop"}
+    assert packages == {"bentoml", "onnxruntime-gpu", "pillow", "numpy", "starlette", "pydantic", "prometheus-client",
+                        "httptools", "uvloop"}
 
 
 def test_bentoml_build_holds_service_and_model(exported_model, tmp_path):
@@ -48,6 +53,10 @@ def test_bentoml_build_holds_service_and_model(exported_model, tmp_path):
     [bento_dir] = [p for p in (tmp_path / "home" / "bentos" / "keel").iterdir() if p.is_dir()]
     source = bento_dir / "src"
     assert (source / "service" / "service.py").is_file() and (source / "service" / "preprocessing.py").is_file()
+    # Keel's version travels with the code, for GET /v2 (the Bento has no pyproject.toml)
+    import service
+
+    assert f'__version__ = "{service.__version__}"' in (source / "service" / "__init__.py").read_text()
     assert not (source / "training").exists() and not (source / "export").exists()
     assert "torch" not in requirement_names((bento_dir / "env" / "python" / "requirements.txt").read_text())
     # the model travels with the Bento: an exported Bento archive carries the ONNX file

@@ -18,7 +18,7 @@ from service.inference import (
     provider_options,
     select_providers,
 )
-from tests.conftest import run_python
+from tests.support import run_python
 
 ALL = [TENSORRT, CUDA, CPU]
 
@@ -117,7 +117,7 @@ def test_models_list_replaces_the_single_model():
 ])
 def test_requests_are_traced_only_when_an_exporter_is_configured(options, expected):
     # BentoML reads its configuration once, at import: a fresh interpreter per case
-    probe = "from service.config import bentoml_tracing; print(repr(bentoml_tracing()))"
+    probe = "from service.bentoml_internals import bentoml_tracing; print(repr(bentoml_tracing()))"
     result = run_python("-c", probe, env={"BENTOML_CONFIG_OPTIONS": options}, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == repr(expected)
@@ -131,7 +131,7 @@ def test_requests_are_traced_only_when_an_exporter_is_configured(options, expect
     ([], 4, 1),
 ])
 def test_worker_count_follows_what_inference_costs(costs, cpus, expected):
-    from service.inference import auto_workers
+    from service.workers import auto_workers
 
     assert auto_workers(costs, cpus) == expected
 
@@ -144,7 +144,7 @@ def test_worker_count_follows_what_inference_costs(costs, cpus, expected):
     (2, 4, False),
 ])
 def test_workers_decode_on_their_event_loop_only_without_spare_cpus(workers, cpus, on_loop):
-    from service.inference import decode_on_loop
+    from service.workers import decode_on_loop
 
     assert decode_on_loop(workers, cpus) is on_loop
 
@@ -153,3 +153,13 @@ def test_workers_must_not_be_negative():
     assert ServiceConfig.from_env({}).workers == 0  # chosen at start-up
     with pytest.raises(ValueError, match="KEEL_WORKERS"):
         ServiceConfig.from_env({"KEEL_WORKERS": "-1"})
+
+
+def test_batch_job_settings(tmp_path):
+    assert ServiceConfig.from_env({"KEEL_BATCH_ROOT": str(tmp_path), "KEEL_JOB_MAX_IMAGES": "7"}) == \
+        ServiceConfig(batch_root=str(tmp_path), job_max_images=7)
+    for env, message in (({"KEEL_BATCH_ROOT": str(tmp_path / "nope")}, "is not a folder"),
+                         ({"KEEL_JOB_MAX_IMAGES": "many"}, "KEEL_JOB_MAX_IMAGES must be a number"),
+                         ({"KEEL_JOB_MAX_IMAGES": "0"}, "KEEL_JOB_MAX_IMAGES must be positive")):
+        with pytest.raises(ValueError, match=message):
+            ServiceConfig.from_env(env)

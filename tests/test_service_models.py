@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import urllib.request
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,24 +9,9 @@ import pytest
 
 from service.inference import OnnxClassifier, top_k
 from service.preprocessing import find_images, preprocess_bytes
-from tests.conftest import Server
-from tests.test_service import classify_file, post
+from tests.support import classify_file, multipart, request, serve
 
-
-def multipart_files(parts: list[tuple[str, str, bytes]], fields: dict[str, str] | None = None) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = b""
-    for name, value in (fields or {}).items():
-        body += f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n".encode()
-    for field, filename, data in parts:
-        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
-                 f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
-    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
-def metadata(url: str, query: str = "") -> dict:
-    with urllib.request.urlopen(f"{url}/metadata{query}", timeout=10) as response:
-        return json.loads(response.read())
+pytestmark = pytest.mark.slow  # real servers, trained models
 
 
 def expected(model_path, data: bytes, k: int = 5) -> list[dict]:
@@ -48,7 +30,7 @@ def test_batch_endpoint_answers_each_image_in_order(server, shapes_data, exporte
     parts = [("images", path.name, path.read_bytes()) for path in paths]
     parts.insert(2, ("images", "notes.txt", b"not an image"))
     parts.insert(4, ("images", "empty.png", b""))
-    status, answer = post(f"{server.url}/classify_batch?top_k=3", *multipart_files(parts))
+    status, answer = request(f"{server.url}/classify_batch?top_k=3", *multipart(parts))
     assert status == 200, answer
     assert [r["filename"] for r in answer["results"]] == [name for _, name, _ in parts]
     assert "not a recognised image format" in answer["results"][2]["error"]
@@ -60,43 +42,26 @@ def test_batch_endpoint_answers_each_image_in_order(server, shapes_data, exporte
     assert answer["model"] == "keel-test" and set(answer["timing_ms"]) == {"preprocess", "inference", "total"}
 
 
-def test_batch_endpoint_refuses_what_it_cannot_take(server, shapes_data):
-    data = find_images(shapes_data / "test")[0].read_bytes()
-    code, answer = post(f"{server.url}/classify_batch", data, "image/png")
-    assert code == 415 and "one file part per image" in answer["error"]
-    code, answer = post(f"{server.url}/classify_batch", *multipart_files([], {"note": "no files"}))
-    assert code == 400 and "no file field" in answer["error"]
-    code, answer = post(f"{server.url}/classify_batch", *multipart_files([("images", "a.png", data)] * 65))
-    assert code == 400 and "at most 64" in answer["error"]
-    code, answer = post(f"{server.url}/classify_batch?model=nope", *multipart_files([("images", "a.png", data)]))
-    assert code == 404 and "unknown model 'nope'" in answer["error"]
-
-
 @pytest.fixture(scope="module")
 def models_server(exported_model, second_model, tmp_path_factory):
     home = tmp_path_factory.mktemp("bentoml-models")
-    srv = Server({"KEEL_MODELS": f"alexnet={exported_model},inception={second_model}", "KEEL_DEFAULT_MODEL": "alexnet",
-                  "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}, home / "server.log")
-    try:
-        srv.wait_ready()
+    with serve(home, KEEL_MODELS=f"alexnet={exported_model},inception={second_model}",
+               KEEL_DEFAULT_MODEL="alexnet") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_each_model_has_its_own_metadata(models_server):
-    meta = metadata(models_server.url)
+    _, meta = request(f"{models_server.url}/metadata")
     assert meta["default_model"] == "alexnet" and meta["name"] == "alexnet"  # the default's fields at top level
     alexnet, inception = meta["models"]["alexnet"], meta["models"]["inception"]
     assert (alexnet["arch"], inception["arch"]) == ("alexnet_bn", "inception_v1_bn")
     assert (alexnet["preprocessing"]["resize"], inception["preprocessing"]["resize"]) == (64, 72)
     assert alexnet["version"] != inception["version"]
     assert inception["provider"] == "CPUExecutionProvider" and inception["batching"]["max_batch_size"] >= 1
-    one = metadata(models_server.url, "?model=inception")
+    _, one = request(f"{models_server.url}/metadata?model=inception")
     assert one["name"] == "inception" and list(one["models"]) == ["inception"]
-    with pytest.raises(urllib.error.HTTPError) as error:
-        metadata(models_server.url, "?model=resnet")
-    assert error.value.code == 404 and "unknown model 'resnet'" in json.loads(error.value.read())["error"]
+    code, answer = request(f"{models_server.url}/metadata?model=resnet")
+    assert code == 404 and "unknown model 'resnet'" in answer["error"]
 
 
 def test_requests_go_to_the_model_they_name(models_server, shapes_data, exported_model, second_model):
@@ -107,8 +72,8 @@ def test_requests_go_to_the_model_they_name(models_server, shapes_data, exported
     status, by_query = classify_file(models_server.url, data, "?model=inception")
     assert status == 200 and by_query["model"] == "inception"
     assert_same(by_query["predictions"], expected(second_model, data))  # its own preprocessing (resize 72)
-    status, by_field = post(f"{models_server.url}/classify",
-                            *multipart_files([("image", "x.png", data)], {"model": "inception"}))
+    status, by_field = request(f"{models_server.url}/classify",
+                            *multipart([("image", "x.png", data)], {"model": "inception"}))
     assert status == 200 and by_field["predictions"] == by_query["predictions"]
     code, answer = classify_file(models_server.url, data, "?model=resnet")
     assert code == 404 and "served: alexnet, inception" in answer["error"]

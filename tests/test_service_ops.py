@@ -11,10 +11,11 @@ import urllib.request
 import pytest
 
 from service.preprocessing import find_images
-from tests.conftest import Server
-from tests.test_service import classify_file, raw_request
+from tests.support import classify_file, raw_request, serve
 
-WARMUP_DELAY_S = 6
+pytestmark = pytest.mark.slow  # real servers
+
+WARMUP_DELAY_S = 15  # long enough that a loaded machine still sees the server answer inside the hold
 TIMEOUT_S = 3
 
 
@@ -24,10 +25,6 @@ def get(url: str, timeout: float = 10) -> tuple[int, bytes]:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
-
-
-def base_env(tmp_path, **extra) -> dict[str, str]:
-    return {"BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "True", **extra}
 
 
 def test_readiness_waits_for_warm_up_then_overload_and_timeouts_are_json(exported_model, shapes_data, tmp_path):
@@ -40,11 +37,9 @@ def test_readiness_waits_for_warm_up_then_overload_and_timeouts_are_json(exporte
       gets 503 JSON, and the server goes on answering."""
     # One worker: BentoML gives each worker ceil(KEEL_MAX_CONCURRENCY / workers) slots, so with two (what
     # this model gets by default on 2 CPUs) the second request could take the other worker's slot.
-    server = Server(base_env(tmp_path, KEEL_MODEL=str(exported_model), KEEL_WARMUP_DELAY_S=str(WARMUP_DELAY_S),
-                             KEEL_MAX_CONCURRENCY="1", KEEL_WORKERS="1", KEEL_REQUEST_TIMEOUT_S=str(TIMEOUT_S)),
-                    tmp_path / "server.log")
     image = find_images(shapes_data / "test")[0].read_bytes()
-    try:
+    with serve(tmp_path, ready=False, KEEL_MODEL=str(exported_model), KEEL_WARMUP_DELAY_S=str(WARMUP_DELAY_S),
+               KEEL_MAX_CONCURRENCY="1", KEEL_WORKERS="1", KEEL_REQUEST_TIMEOUT_S=str(TIMEOUT_S)) as server:
         seen = set()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -82,19 +77,14 @@ def test_readiness_waits_for_warm_up_then_overload_and_timeouts_are_json(exporte
         assert head.split()[1] == b"503" and b"retry-after" in head.lower()
         assert f"timeout of {TIMEOUT_S} s" in json.loads(body[:length])["error"]
         assert classify_file(server.url, image)[0] == 200
-    finally:
-        server.stop()
 
 
 def test_gpu_required_but_not_obtained_stops_the_server_with_a_clear_message(exported_model, tmp_path):
     """KEEL_DEVICE=cuda on this CPU machine (onnxruntime-gpu still claims CUDA): the server refuses to
     start, with the reason and a failing exit status, instead of a worker respawning behind a live /livez."""
-    server = Server(base_env(tmp_path, KEEL_MODEL=str(exported_model), KEEL_DEVICE="cuda"), tmp_path / "server.log")
-    try:
+    with serve(tmp_path, ready=False, KEEL_MODEL=str(exported_model), KEEL_DEVICE="cuda") as server:
         with pytest.raises(RuntimeError) as error:
             server.wait_ready(timeout=90)
-    finally:
-        server.stop()
     assert "KEEL_DEVICE=cuda requires the GPU" in str(error.value) and server.process.returncode != 0
 
 
@@ -114,12 +104,9 @@ def test_a_session_that_cannot_get_cuda_is_refused_when_cuda_is_required(exporte
 ])
 def test_bad_configuration_fails_at_start_with_a_clear_message(exported_model, tmp_path, env, message):
     env = {key: value.replace("MODEL", str(exported_model)) for key, value in env.items()}
-    server = Server(base_env(tmp_path, **env), tmp_path / "server.log")
-    try:
+    with serve(tmp_path, ready=False, **env) as server:
         with pytest.raises(RuntimeError) as error:
             server.wait_ready(timeout=90)
-    finally:
-        server.stop()
     assert message in str(error.value) and server.process.returncode != 0
 
 

@@ -43,6 +43,7 @@ def test_stability_report_and_gate():
     assert not passes_gate(stability_report([1.0], 0, 0, 0, model))
 
 
+@pytest.mark.slow  # trains
 def test_a_run_that_keeps_diverging_gives_up_with_a_clear_error(tmp_path):
     """Every loss NaN (zero std): skips, then rollbacks at a lower learning rate, then an error."""
     from training.config import TrainConfig

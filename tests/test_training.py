@@ -159,6 +159,7 @@ def test_cli_trains_inception_and_reports_bad_data(shapes_data, tmp_path):
     assert missing.returncode == 2 and "nowhere" in missing.stderr
 
 
+@pytest.mark.slow  # trains
 def test_non_finite_steps_are_skipped_and_leave_the_weights_untouched(tmp_path):
     """A zero std turns every input into inf, so every loss is NaN: no step may touch the model."""
     from training.config import TrainConfig
@@ -182,6 +183,7 @@ def test_non_finite_steps_are_skipped_and_leave_the_weights_untouched(tmp_path):
     assert trained["optimizer"]["state"] == {}  # no momentum was ever accumulated
 
 
+@pytest.mark.slow  # trains
 def test_a_run_killed_mid_training_resumes_to_the_same_weights(tmp_path):
     """kill -9 during training, resume from last.pt: the final weights equal an uninterrupted run's."""
     import signal

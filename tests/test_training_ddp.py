@@ -33,6 +33,7 @@ def steps_of(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "steps.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # trains
 def test_two_processes_train_one_model_and_resume(tiny_data, tmp_path):
     run = tmp_path / "run"
     first = torchrun(tiny_data, run, "--epochs", "2")

@@ -72,6 +72,7 @@ def test_the_cli_names_an_unknown_recipe_key_without_a_traceback(tmp_path):
     assert missing.returncode == 2 and "nope.yaml: no such recipe file" in missing.stderr
 
 
+@pytest.mark.slow  # trains
 def test_inception_v3_trains_from_its_recipe(tmp_path):
     """The recipe upscales the 64 px shapes to Inception-v3's 80 px; flags shrink it to seconds."""
     from training.shapes import ShapesConfig, generate_dataset
@@ -86,6 +87,7 @@ def test_inception_v3_trains_from_its_recipe(tmp_path):
     assert checkpoint["model_args"] == {"num_classes": 10, "width": 0.0625, "aux_logits": False, "dropout": 0.0}
 
 
+@pytest.mark.slow  # trains
 def test_the_study_writes_its_table_and_plots(tmp_path):
     from training.study import main
 

@@ -16,9 +16,10 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from service import v2
+from service.errors import ClientError
 from service.inference import INPUT_NAME, OUTPUT_NAME, ModelInfo, read_model_info
 from service.preprocessing import PreprocessSpec, find_images, preprocess_bytes
-from tests.conftest import Server
+from tests.support import serve
 
 LABELS = ("circle", "square", "star")
 INFO = ModelInfo(name="tiny", version="abc123", arch="alexnet_bn", labels=LABELS,
@@ -120,7 +121,7 @@ def request_with(**changes) -> dict:
     ([1, 2], "must be a JSON object"),
 ])
 def test_bad_requests_get_clear_messages(request_, message):
-    with pytest.raises(v2.ProtocolError, match=None) as caught:
+    with pytest.raises(ClientError, match=None) as caught:
         v2.parse_infer_request(json.dumps(request_).encode(), None, INFO)
     assert message in str(caught.value) and caught.value.status == 400
 
@@ -129,11 +130,11 @@ def test_bad_binary_framing_gets_clear_messages():
     body, header_length = client_request(tensor(1), True)
     for length, message in [(str(len(body) + 1), "within the body"), ("x", "within the body"),
                             (str(int(header_length) + 4), "not valid JSON")]:
-        with pytest.raises(v2.ProtocolError, match=message):
+        with pytest.raises(ClientError, match=message):
             v2.parse_infer_request(body, length, INFO)
-    with pytest.raises(v2.ProtocolError, match="binary tensor data is 188 bytes"):
+    with pytest.raises(ClientError, match="binary tensor data is 188 bytes"):
         v2.parse_infer_request(body[:-4], header_length, INFO)
-    with pytest.raises(v2.ProtocolError, match="needs the Inference-Header-Content-Length header"):
+    with pytest.raises(ClientError, match="needs the Inference-Header-Content-Length header"):
         v2.parse_infer_request(body, None, INFO)
 
 
@@ -141,12 +142,12 @@ def test_decompress_both_encodings_and_refuses_bombs():
     data = b"{}" * 1000
     assert v2.decompress(gzip.compress(data), "gzip", 10_000) == data
     assert v2.decompress(zlib.compress(data), "deflate", 10_000) == data
-    with pytest.raises(v2.ProtocolError) as caught:
+    with pytest.raises(ClientError) as caught:
         v2.decompress(gzip.compress(b"\0" * 1_000_000), "gzip", 10_000)
     assert caught.value.status == 413
-    with pytest.raises(v2.ProtocolError, match="not valid gzip"):
+    with pytest.raises(ClientError, match="not valid gzip"):
         v2.decompress(b"plain", "gzip", 10_000)
-    with pytest.raises(v2.ProtocolError) as caught:
+    with pytest.raises(ClientError) as caught:
         v2.decompress(data, "br", 10_000)
     assert caught.value.status == 415
 
@@ -257,29 +258,29 @@ def test_bad_requests_get_4xx_json_errors(server, client, images):
 
 
 def test_two_models_and_readiness_before_warm_up(exported_model, tmp_path):
-    """/v2/health/ready is 503 until the engine has loaded and warmed up, as /readyz; then each served
-    model answers under its own name, and bodies over KEEL_MAX_UPLOAD_BYTES get 413. Warm-up is held 12 s
-    longer here: a readiness probe may itself wait seconds for the engine (Classifier.__is_ready__) and
-    then see it ready, so the first probes must fall well inside the delay."""
+    """/v2/health/ready is false (400, empty body, as the protocol says) until the engine has loaded and
+    warmed up, as /readyz; then each served model answers under its own name, and bodies over
+    KEEL_MAX_UPLOAD_BYTES get 413. Warm-up is held 12 s longer here: a readiness probe may itself
+    wait seconds for the engine and then see it ready, so the first probes must fall well inside the
+    delay."""
     size = read_model_info(exported_model).preprocessing.crop
     image_bytes = 3 * size * size * 4
-    server = Server({"KEEL_MODELS": f"first={exported_model},second={exported_model}", "KEEL_WARMUP_DELAY_S": "12",
-                     "KEEL_MAX_UPLOAD_BYTES": str(2 * image_bytes),
-                     "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "True"}, tmp_path / "server.log")
-    try:
+    with serve(tmp_path, ready=False, KEEL_MODELS=f"first={exported_model},second={exported_model}",
+               KEEL_WARMUP_DELAY_S="12", KEEL_MAX_UPLOAD_BYTES=str(2 * image_bytes)) as server:
         seen, deadline = [], time.monotonic() + 120
         while seen[-1:] != [200] and time.monotonic() < deadline:
             assert server.process.poll() is None, server.output()
             try:
                 with urllib.request.urlopen(f"{server.url}/v2/health/ready", timeout=10) as response:
+                    assert response.read() == b""
                     seen.append(response.status)
             except urllib.error.HTTPError as not_ready:
-                assert json.loads(not_ready.read()) == {"ready": False}
+                assert not_ready.read() == b""
                 seen.append(not_ready.code)
             except OSError:  # not listening yet
                 pass
             time.sleep(0.2)
-        assert seen[0] == 503 and seen[-1] == 200, server.output()
+        assert seen[0] == 400 and seen[-1] == 200, server.output()
         with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as client:
             assert client.is_model_ready("first") and client.is_model_ready("second")
             assert [(m["name"], m["state"]) for m in client.get_model_repository_index()] == [
@@ -296,5 +297,38 @@ def test_two_models_and_readiness_before_warm_up(exported_model, tmp_path):
             assert "unknown model 'keel-test'; this server has first, second" in unknown
             too_large = infer_error(client, "first", np.zeros((3, 3, size, size), dtype=np.float32))
             assert too_large.status() == "413" and f"over the limit of {2 * image_bytes} bytes" in too_large.message()
-    finally:
-        server.stop()
+
+
+# ----------------------------------------------------------------------------- in this process
+
+
+def test_health_answers_as_the_protocol_says(service_app):
+    """200 for true and a 4xx for false, with an empty body; server metadata with Keel's real version."""
+    import service
+
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/keel-tiny/ready"):
+        response = service_app.get(path)
+        assert (response.status_code, response.content) == (200, b""), path
+    unknown = service_app.get("/v2/models/nope/ready")
+    assert unknown.status_code == 404 and "unknown model" in unknown.json()["error"]
+    assert service_app.get("/v2").json() == {"name": "keel", "version": service.__version__,
+                                             "extensions": list(v2.EXTENSIONS)}
+
+
+def test_not_ready_is_false_not_an_error(tiny_model):
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from service.config import ServiceConfig
+    from service.core import Keel
+
+    app = Starlette(routes=v2.routes())
+    app.state.keel = Keel.load(ServiceConfig(model=str(tiny_model), workers=1))  # never started
+    with TestClient(app) as client:
+        for path in ("/v2/health/ready", "/v2/models/keel-tiny/ready"):
+            response = client.get(path)
+            assert (response.status_code, response.content) == (400, b""), path
+        assert client.get("/v2/health/live").status_code == 200
+        answer = client.post("/v2/models/keel-tiny/infer", json={"inputs": [
+            {"name": "input", "datatype": "FP32", "shape": [1, 3, 16, 16], "data": [0.0] * 768}]})
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"

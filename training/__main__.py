@@ -1,4 +1,6 @@
-"""`python -m training [--recipe FILE.yaml] --data DIR --out RUN_DIR [...]`: every TrainConfig field is a flag.
+"""`keel-train [--recipe FILE.yaml] --data DIR --out RUN_DIR [...]` (or `python -m training`): every
+TrainConfig field is a flag. Exit status: 0 trained; 2 bad usage or unusable data, recipe or checkpoint;
+3 the run diverged (training.stability).
 
 A recipe (training/recipes/<arch>.yaml) holds TrainConfig fields; flags given on the command line
 override it. Data-parallel: `torchrun --nproc_per_node N -m training ...` (see README).
@@ -14,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+import service
 from training.config import TrainConfig
 from training.models import MODELS
 from training.stability import TrainingDiverged
@@ -31,8 +34,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe")
     recipe_path = pre.parse_known_args(argv)[0].recipe
-    parser = argparse.ArgumentParser(prog="python -m training",
-                                     description="Train an image classifier on an ImageFolder tree.")
+    parser = argparse.ArgumentParser(prog="keel-train", description="Train an image classifier on an ImageFolder tree.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {service.__version__}")
     parser.add_argument("--recipe", metavar="YAML",
                         help="a file of TrainConfig fields (training/recipes/); flags override it")
     try:

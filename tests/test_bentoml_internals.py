@@ -1,10 +1,10 @@
-"""The per-request timeout (uploads.RequestDeadline) in place of BentoML 1.4.39's TimeoutMiddleware.
+"""What service/bentoml_internals.py works around in BentoML 1.4.39 is still there (when one of these
+fails after an upgrade, BentoML fixed it: drop the workaround), and the workarounds work.
 
-BentoML's schedules a timer per request and never cancels it, so every answered request (its
-context, tracing span, futures) stays alive for the whole timeout; measured in the service: ~16,000
-finished requests held at 400 requests/s, gen-2 garbage collections of 50-110 ms, p99 doubled.
-These run both middlewares around a tiny ASGI app on a real event loop and count what stays
-scheduled; the BentoML check tells us when an upgrade has fixed it and the stand-in can go.
+The per-request timeout: BentoML's TimeoutMiddleware schedules a timer per request and never cancels
+it, so every answered request (its context, tracing span, futures) stays alive for the whole timeout
+(docs/upstream.md). These run both middlewares around a tiny ASGI app on a real event loop and count
+what stays scheduled.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import json
 import pytest
 from bentoml._internal.server.http import traffic
 
-from service.uploads import RequestDeadline, replace_bentoml_timeout
-
-BENTOML_TIMEOUT = traffic.TimeoutMiddleware  # the original, before any replacement
+from service.bentoml_internals import BENTOML_TIMEOUT_MIDDLEWARE as BENTOML_TIMEOUT
+from service.bentoml_internals import RequestDeadline, replace_bentoml_timeout
 
 
 async def answer_ok(scope, receive, send):
@@ -75,8 +74,43 @@ def test_request_deadline_passes_on_the_apps_own_timeout_error():
 
 
 def test_bentoml_builds_the_stand_in():
+    before = traffic.TimeoutMiddleware
     replace_bentoml_timeout()
     try:
         assert traffic.TimeoutMiddleware is RequestDeadline
     finally:
-        traffic.TimeoutMiddleware = BENTOML_TIMEOUT
+        traffic.TimeoutMiddleware = before
+
+
+def test_bentoml_still_rebuilds_an_api_method_on_every_access_and_the_cache_stops_it():
+    import bentoml
+
+    from service.bentoml_internals import cache_api_methods
+
+    @bentoml.service(name="probe")
+    class Probe:
+        @bentoml.api
+        def echo(self, text: str) -> str:
+            return text
+
+    instance = Probe()
+    assert Probe.inner.echo.__get__(instance, Probe.inner) is not Probe.inner.echo.__get__(instance, Probe.inner)
+    cache_api_methods(instance)
+    assert instance.echo is instance.echo and instance.echo("x") == "x" and instance.echo.local("y") == "y"
+
+
+def test_bentoml_still_answers_its_own_4xx_with_a_json_list():
+    """Why Keel's endpoints never raise BentoML's exceptions (bentoml/BentoML#4232)."""
+    import bentoml
+    from bentoml.exceptions import InvalidArgument
+    from starlette.testclient import TestClient
+
+    @bentoml.service(name="probe-errors", metrics={"enabled": False})  # one app with metrics per process
+    class Probe:
+        @bentoml.api
+        def refuse(self, text: str) -> str:
+            raise InvalidArgument("no")
+
+    with TestClient(Probe.to_asgi()) as client:
+        response = client.post("/refuse", json={"text": "x"})
+    assert response.status_code == 400 and response.json() == [{"error": "no"}]
