@@ -57,7 +57,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service import jobs, v2
+from service import drain, jobs, v2
 from service.config import ServiceConfig, bentoml_tracing
 from service.engine import Engine
 from service.inference import (
@@ -142,6 +142,7 @@ WARMUP_SIZES = batch_buckets(CONFIG.max_batch_size)  # the sizes the batcher for
 # first; uploads.RequestDeadline enforces it, as BentoML's own kept every answered request in memory.
 TRAFFIC_TIMEOUT_S = CONFIG.request_timeout_s + 10
 replace_bentoml_timeout()
+drain.close_listener_first()  # SIGTERM: refuse new connections at once, finish those accepted (service/drain.py)
 
 
 class EngineUnavailable(RuntimeError):
