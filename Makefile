@@ -28,7 +28,7 @@ SAMPLE_IMAGE := $(DATA)/test/star/00000.png
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: setup data train model serve test bento bench lock clean container-tools container container-run
+.PHONY: setup data train model serve test bento bench lock clean container-tools container container-run lb-tools
 
 setup: $(STAMP)
 
@@ -62,7 +62,7 @@ serve: $(MODEL)
 
 # container-tools first: on a clean machine as root it installs podman, so the container test runs.
 # ruff first: a lint error fails the run before the suite starts (configuration in pyproject.toml).
-test: $(STAMP) container-tools
+test: $(STAMP) container-tools lb-tools
 	$(BIN)/ruff check .
 	$(PY) -m pytest
 
@@ -80,6 +80,10 @@ CUDA ?= 1
 container-tools:
 	@deploy/container-tools.sh
 
+# haproxy, the load balancer of the two-replica benchmark and test (benchmarks/replicas.py)
+lb-tools:
+	@deploy/lb-tools.sh
+
 container: bento container-tools
 	KEEL_CUDA=$(CUDA) BENTOML=$(BIN)/bentoml deploy/build-image.sh keel:latest $(IMAGE)
 
@@ -89,9 +93,9 @@ container-run:
 		$(CONTAINER_ARGS) $(IMAGE)
 
 # Every benchmark, then docs/benchmarks.md (benchmarks/__main__.py). Uses $(MODEL) and $(DATA) when they
-# exist, else makes a one-epoch model of the same architecture. Take it on a quiet machine: about 15 minutes.
+# exist, else makes a one-epoch model of the same architecture. Take it on a quiet machine: about 30 minutes.
 # QUICK=1: a smoke run of a few seconds per module into build/bench-quick/, leaving docs/ alone.
-bench: $(STAMP)
+bench: $(STAMP) lb-tools
 	$(PY) -m benchmarks --model $(MODEL) --checkpoint $(RUN)/best.pt --data $(DATA) $(if $(QUICK),--quick)
 
 # Refresh the pins of everything the direct requirements pull in (torch is pinned in train.txt).
