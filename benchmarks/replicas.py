@@ -123,11 +123,24 @@ def kill_tree(pid: int) -> None:
     import psutil
 
     root = psutil.Process(pid)
-    for process in (*root.children(recursive=True), root):
+    processes = [*root.children(recursive=True), root]
+    for process in processes:
         try:
             process.kill()
         except psutil.NoSuchProcess:
             pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(process) for process in processes):
+        time.sleep(0.001)  # dead (a zombie has closed its sockets too): the instant of the loss
+
+
+def alive(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 async def timeline(url: str, bodies, clients: int, seconds: float, at: float, event) -> dict:
@@ -175,12 +188,14 @@ def lose_replica(model: str, images: list[bytes], config: ReplicasConfig, logs: 
 
         def lose() -> dict:
             in_progress = balancer.in_progress("r2")
+            at = time.perf_counter()
             if mode == "kill":
                 kill_tree(second.process.pid)
             else:  # what the kubelet does: SIGTERM to the container's main process, BentoML's arbiter
                 os.kill(second.process.pid, signal.SIGTERM)
-            # the loss: a request sent before this instant may have been on the replica as it went
-            return {"in_progress_on_lost": in_progress, "at": time.perf_counter()}
+            # the loss takes from `at` to now (every process dead, for a kill): a request sent before
+            # now and not answered before `at` may have been on the replica as it went
+            return {"in_progress_on_lost": in_progress, "at": at, "loss_s": time.perf_counter() - at}
 
         result = asyncio.run(timeline(balancer.url + "/classify", bodies, config.loss_clients, config.loss_seconds,
                                       config.loss_seconds / 3, lose))
@@ -193,17 +208,21 @@ def lose_replica(model: str, images: list[bytes], config: ReplicasConfig, logs: 
 def summarize_loss(result: dict, mode: str, retry_unanswered: bool) -> dict:
     requests = result["requests"]
     failed = [(sent, done, status) for sent, done, status in requests if status != 200]
-    in_flight = [r for r in requests if r[0] < 0 < r[1]]  # sent before the loss, answered after it
-    after = [r for r in requests if r[0] >= 0]
+    end = result["event"].get("loss_s", 0.0)  # the loss spans [0, end]
+
+    def in_flight(request) -> bool:
+        return request[0] < end and request[1] > 0
+
+    after = [r for r in requests if r[0] >= end]
     latencies_after = [done - sent for sent, done, status in after if status == 200]
     bins = np.arange(np.floor(min(r[0] for r in requests)), max(r[1] for r in requests) + 0.25, 0.25)
     return {"mode": mode, "retry_unanswered": retry_unanswered, **result["event"],
             "requests": len(requests), "failed": len(failed),
             "failed_statuses": dict(Counter(str(status) for *_, status in failed)),
             "failures": [(round(sent, 4), round(done, 4), str(status)) for sent, done, status in failed],
-            "failed_sent_after_loss": sum(1 for sent, *_ in failed if sent >= 0),
-            "failed_not_in_flight": sum(1 for r in failed if not r[0] < 0 < r[1]),
-            "in_flight_at_loss": len(in_flight),
+            "failed_sent_after_loss": sum(1 for sent, *_ in failed if sent >= end),
+            "failed_not_in_flight": sum(1 for r in failed if not in_flight(r)),
+            "in_flight_at_loss": sum(1 for r in requests if in_flight(r)),
             "throughput_before": sum(1 for r in requests if r[2] == 200 and r[1] < 0) / max(1e-9, -bins[0]),
             "throughput_after": sum(1 for r in after if r[2] == 200) / max(1e-9, max(r[1] for r in requests)),
             "p99_ms_after": float(np.percentile(latencies_after, 99) * 1000) if latencies_after else None,
