@@ -332,13 +332,14 @@ def render(results: dict) -> str:
               "replicas, so this is the floor of what a second node gives.", ""]
     lines += [f"**Losing one of two replicas** while {config['loss_clients']} clients keep sending "
               f"({config['loss_seconds']:g} s, the replica goes a third of the way in):", "",
-              "| how | requests | failed | of them sent after the loss | in flight at the loss (all / on the lost one) "
-              "| requests/s before → after | p99 ms after |", "|---|---:|---:|---:|---:|---:|---:|"]
+              "| how | requests | failed | of them not in flight at the loss | in flight at the loss: all clients' "
+              "/ on the lost replica as it began (haproxy) | requests/s before → after | p99 ms after |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for loss in results["loss"]:
         statuses = ", ".join(f"{k}: {v}" for k, v in loss["failed_statuses"].items())
         failed = f"{loss['failed']} ({statuses})" if statuses else "0"
         p99 = f"{loss['p99_ms_after']:.0f}" if loss["p99_ms_after"] is not None else "—"
-        lines.append(f"| {loss_title(loss)} | {loss['requests']} | {failed} | {loss['failed_sent_after_loss']} "
+        lines.append(f"| {loss_title(loss)} | {loss['requests']} | {failed} | {loss['failed_not_in_flight']} "
                      f"| {loss['in_flight_at_loss']} / {loss['in_progress_on_lost']} "
                      f"| {loss['throughput_before']:.0f} → {loss['throughput_after']:.0f} | {p99} |")
     lines += ["", "A crash fails the requests the lost replica held and nothing else: later ones are refused at "
