@@ -29,7 +29,7 @@ export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := True
 
 .PHONY: setup data train model serve test bento bench lock clean container-tools container container-run doctor \
-	gpu-check
+	gpu-check lb-tools
 
 setup: $(STAMP)
 
@@ -65,7 +65,7 @@ serve: $(MODEL)
 
 # container-tools first: on a clean machine as root it installs podman, so the container test runs.
 # ruff first: a lint error fails the run before the suite starts (configuration in pyproject.toml).
-test: $(STAMP) container-tools
+test: $(STAMP) container-tools lb-tools
 	$(BIN)/ruff check .
 	$(PY) -m pytest
 
@@ -83,6 +83,10 @@ CUDA ?= 1
 container-tools:
 	@deploy/container-tools.sh
 
+# haproxy, the load balancer of the two-replica benchmark and test (benchmarks/replicas.py)
+lb-tools:
+	@deploy/lb-tools.sh
+
 container: bento container-tools
 	KEEL_CUDA=$(CUDA) BENTOML=$(BIN)/bentoml deploy/build-image.sh keel:latest $(IMAGE)
 
@@ -92,9 +96,9 @@ container-run:
 		$(CONTAINER_ARGS) $(IMAGE)
 
 # Every benchmark, then docs/benchmarks.md (benchmarks/__main__.py). Uses $(MODEL) and $(DATA) when they
-# exist, else makes a one-epoch model of the same architecture. Take it on a quiet machine: about 15 minutes.
+# exist, else makes a one-epoch model of the same architecture. Take it on a quiet machine: about 30 minutes.
 # QUICK=1: a smoke run of a few seconds per module into build/bench-quick/, leaving docs/ alone.
-bench: $(STAMP)
+bench: $(STAMP) lb-tools
 	$(PY) -m benchmarks --model $(MODEL) --checkpoint $(RUN)/best.pt --data $(DATA) $(if $(QUICK),--quick)
 
 # What really runs where (service/doctor.py): onnxruntime's build and providers, the GPU, the CUDA/cuDNN

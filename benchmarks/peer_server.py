@@ -1,12 +1,14 @@
-"""The peer Keel is measured against: the plainest server a user would write without Keel.
+"""A peer Keel is measured against: the plainest server a user would write without Keel.
 
 A minimal Starlette app with one ONNX Runtime session, per-request inference and no batching,
 using Keel's own preprocessing (with the reduced JPEG decode the service uses by default) so only
-the serving differs. The blocking work runs in Starlette's
-thread pool (`run_in_threadpool`), which is what FastAPI does for a plain `def` endpoint; ONNX
-Runtime keeps its default threads. Served by uvicorn with one worker:
+the serving differs. The blocking work runs in Starlette's thread pool (`run_in_threadpool`),
+which is what FastAPI does for a plain `def` endpoint. Served by uvicorn with one worker, or with
+several (the benchmark tries both; PEER_THREADS divides ONNX Runtime's threads among them, unset
+keeps ONNX Runtime's default):
 
     PEER_MODEL=artifacts/model.onnx python -m uvicorn benchmarks.peer_server:app --port 8000
+    PEER_MODEL=artifacts/model.onnx PEER_THREADS=1 python -m uvicorn benchmarks.peer_server:app --workers 2
 
 It is deliberately naive (no upload cap, minimal error handling): it stands for the baseline in
 benchmarks/service_load.py, not for a second way to serve models. Its /upload_only reads the upload
@@ -27,7 +29,11 @@ from starlette.routing import Route
 
 from service.preprocessing import ImageDecodeError, PreprocessSpec, preprocess_bytes
 
-session = ort.InferenceSession(os.environ.get("PEER_MODEL", "artifacts/model.onnx"),
+options = ort.SessionOptions()
+# PEER_THREADS: ONNX Runtime's threads per worker process (the benchmark divides the CPUs among the
+# workers, as Keel does); 0 or unset: ONNX Runtime's default
+options.intra_op_num_threads = int(os.environ.get("PEER_THREADS", "0"))
+session = ort.InferenceSession(os.environ.get("PEER_MODEL", "artifacts/model.onnx"), options,
                                providers=["CPUExecutionProvider"])
 metadata = session.get_modelmeta().custom_metadata_map
 spec = PreprocessSpec.from_json(metadata["keel.preprocessing"])

@@ -1,4 +1,4 @@
-"""The service under load, against its in-process limit and against the plainest peer.
+"""The service under load, against its in-process limit and against the servers users would pick instead.
 
 `python -m benchmarks.service_load --model artifacts/model.onnx [--large-model M.onnx] [--quick] --out docs/benchmarks`
 
@@ -10,7 +10,11 @@ answered), every run bounded by a request count and a time:
 - Keel with the worker count its defaults did not choose (one worker, or one per CPU with one ONNX
   Runtime thread each), to show what the start-up choice (service/service.py) is worth;
 - Keel with tighter latency budgets (KEEL_MAX_LATENCY_MS), at the higher concurrencies;
-- the peer, benchmarks/peer_server.py under uvicorn (per-request inference, no batching);
+- the peers, each with one worker and with one per CPU (as a user would try both), ONNX Runtime's
+  threads divided among them as Keel divides them: benchmarks/peer_server.py (plain Starlette
+  under uvicorn, per-request inference), benchmarks/bentoml_docs_peer.py (the service BentoML's
+  documentation shows: a typed batchable @bentoml.api taking PIL.Image) and
+  benchmarks/ray_serve_peer.py (Ray Serve with @serve.batch), at PEER_CONCURRENCY clients;
 - at the highest concurrency, the HTTP floor (the peer's /upload_only: the exchange alone) and
   Keel's engine without BentoML (benchmarks/engine_server.py: what BentoML's request path costs).
 Every request is a multipart upload of a photo-like 500x375 JPEG, as `curl -F image=@...` sends.
@@ -19,7 +23,10 @@ batch sizes the adaptive batcher really formed (keel_batch_size in /metrics, bef
 The in-process pipeline (benchmarks/limit.py's, on the same JPEGs) is measured first; the
 service's throughput at saturation is reported as a share of it, and its p50 at concurrency 1
 as milliseconds added to it. With `--large-model` (a full-size network, where inference and not
-HTTP is the cost) Keel as shipped, its other worker count and the peer are measured again on it.
+HTTP is the cost) Keel as shipped, its other worker count and the peers are measured again on it.
+Keel's goal against the peers: ahead of every peer (at its best worker count) on throughput and p99
+at >= 16 clients, and within 10% of the best peer's throughput at 1 client; the page says whether
+this run met it.
 The load generator shares the machine's cores with the server, as any loopback benchmark does:
 the numbers are for the whole machine, client included (whose CPU per request is reported).
 """
@@ -64,6 +71,8 @@ class LoadConfig:
     budget_concurrency: tuple[int, ...] = (16, 64)
     workers_concurrency: tuple[int, ...] = (1, 16, 64)  # levels for the worker count the defaults did not pick
     floor_concurrency: tuple[int, ...] = (64,)  # levels for the HTTP floor (the peer's /upload_only)
+    peer_concurrency: tuple[int, ...] = (1, 16, 64)  # levels for every peer
+    peers: tuple[str, ...] = ("starlette", "bentoml_docs", "ray_serve")  # PEERS keys
     image: tuple[int, int] = (500, 375)  # JPEG size uploaded
     large_model: str = ""  # a second, full-size model: Keel, its other worker count and the peer again ("" = skip)
 
@@ -71,7 +80,7 @@ class LoadConfig:
     def quick(cls, model: str) -> LoadConfig:
         return cls(model=model, concurrency=(1, 16), repeats=2, run_seconds=0.3, max_requests=100,
                    warmup_requests=4, budgets_ms=(), budget_concurrency=(), workers_concurrency=(),
-                   floor_concurrency=(), large_model="")
+                   floor_concurrency=(), peer_concurrency=(1, 16), large_model="")
 
 
 def free_port() -> int:
@@ -84,9 +93,10 @@ class Launched:
     """A server process in its own session on a free loopback port; always stopped on exit."""
 
     def __init__(self, argv: list[str], env: dict[str, str], ready_path: str, log_dir: Path, name: str,
-                 cwd: Path = REPO):
+                 cwd: Path = REPO, field: str = "image", start_timeout: float = 120):
         self.port = free_port()
         self.cwd = cwd  # the source tree it serves from (benchmarks/service_ab.py: another commit's)
+        self.field, self.start_timeout = field, start_timeout  # the multipart field it reads the image from
         self.url = f"http://127.0.0.1:{self.port}"
         self.argv = [a.replace("{port}", str(self.port)) for a in argv]
         self.env, self.ready_path, self.name = {**os.environ, **env}, ready_path, name
@@ -96,7 +106,7 @@ class Launched:
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdout=self.log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self.__exit__()
@@ -109,7 +119,7 @@ class Launched:
                 pass
             time.sleep(0.3)
         self.__exit__()
-        raise TimeoutError(f"{self.name} not ready after 120 s:\n{self.tail()}")
+        raise TimeoutError(f"{self.name} not ready after {self.start_timeout:g} s:\n{self.tail()}")
 
     def tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]
@@ -132,9 +142,41 @@ def keel(model: str, log_dir: Path, name: str, cwd: Path = REPO, **env: str) -> 
                      "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(cwd), **env}, "/readyz", log_dir, name, cwd)
 
 
-def peer(model: str, log_dir: Path) -> Launched:
-    return Launched([sys.executable, "-m", "uvicorn", "benchmarks.peer_server:app", "--host", "127.0.0.1",
-                     "--port", "{port}"], {"PEER_MODEL": str(Path(model).resolve())}, "/healthz", log_dir, "peer")
+def peer(model: str, log_dir: Path, workers: int = 1, name: str = "peer") -> Launched:
+    """The plain Starlette peer (benchmarks/peer_server.py) under uvicorn with `workers` processes."""
+    from service.inference import container_cpus
+
+    return Launched([sys.executable, "-m", "uvicorn", "benchmarks.peer_server:app", "--workers", str(workers),
+                     "--host", "127.0.0.1", "--port", "{port}"],
+                    {"PEER_MODEL": str(Path(model).resolve()),
+                     "PEER_THREADS": str(max(1, container_cpus() // workers))},
+                    "/healthz", log_dir, name)
+
+
+def bentoml_docs(model: str, log_dir: Path, workers: int, name: str) -> Launched:
+    """BentoML's documented way (benchmarks/bentoml_docs_peer.py): `bentoml serve` with `workers` workers."""
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    return Launched([bentoml, "serve", "benchmarks.bentoml_docs_peer:DocsClassifier", "--host", "127.0.0.1",
+                     "--port", "{port}"],
+                    {"PEER_MODEL": str(Path(model).resolve()), "PEER_WORKERS": str(workers),
+                     "BENTOML_HOME": str(log_dir / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"},
+                    "/readyz", log_dir, name, field="images")
+
+
+def ray_serve(model: str, log_dir: Path, replicas: int, name: str) -> Launched:
+    """Ray Serve with @serve.batch (benchmarks/ray_serve_peer.py) on a local Ray of its own, `replicas` replicas."""
+    return Launched([sys.executable, "-m", "benchmarks.ray_serve_peer", "--model", str(Path(model).resolve()),
+                     "--port", "{port}", "--replicas", str(replicas)], {"RAY_USAGE_STATS_ENABLED": "0"},
+                    "/classify", log_dir, name, start_timeout=300)
+
+
+# The peers: key -> (label, launcher(model, log_dir, workers, name), what "workers" are called there)
+PEERS = {
+    "starlette": ("Peer: plain Starlette + ONNX Runtime, uvicorn, per-request", peer, "uvicorn worker"),
+    "bentoml_docs": ("Peer: BentoML's documented service, batchable @bentoml.api taking PIL.Image", bentoml_docs,
+                     "worker"),
+    "ray_serve": ("Peer: Ray Serve, @serve.batch", ray_serve, "replica"),
+}
 
 
 def without_bentoml(model: str, log_dir: Path, workers: int, threads: int) -> Launched:
@@ -214,6 +256,24 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def tree_pss_mib(pid: int) -> float | None:
+    """Memory of a server: the proportional set size of its process and every process under it (shared
+    pages split among the processes sharing them, so the sum is what they hold together)."""
+    import psutil
+
+    total = 0
+    try:
+        root = psutil.Process(pid)
+        for process in (root, *root.children(recursive=True)):
+            try:
+                total += process.memory_full_info().pss
+            except psutil.Error:  # gone meanwhile
+                pass
+    except (psutil.Error, AttributeError):  # no PSS outside Linux
+        return None
+    return round(total / 2**20, 1)
+
+
 def served_workers(url: str) -> tuple[int, int]:
     """The HTTP workers a running Keel chose, and ONNX Runtime threads per worker (its /metadata)."""
     import json
@@ -258,17 +318,22 @@ def batches_between(before: dict, after: dict) -> dict | None:
     return {"batches": int(delta["count"]), "mean_size": delta["sum"] / delta["count"], "per_bucket": per_bucket}
 
 
-def measure(server: Launched, bodies, config: LoadConfig, levels: tuple[int, ...],
-            path: str = "/classify") -> list[dict]:
+def measure(server: Launched, images: list[bytes], config: LoadConfig, levels: tuple[int, ...],
+            path: str = "/classify", processes: list[int] | None = None, batches: bool = True) -> list[dict]:
+    """Each level: untimed warm-up, then `config.repeats` runs. `processes`: the process trees whose CPU
+    and memory count as the server's (default: the launched process); `batches`: read Keel's batch
+    histogram from the server's /metrics (not through a load balancer, which shows one replica's)."""
     url = server.url + path
+    bodies = [multipart(data, server.field) for data in images]
+    processes = processes or [server.process.pid]
     rows = []
     for concurrency in levels:
         asyncio.run(drive(url, bodies, concurrency, 30, config.warmup_requests))
-        before = batch_histogram(server.url)
-        server_cpu = tree_cpu_seconds(server.process.pid)
+        before = batch_histogram(server.url) if batches else {}
+        server_cpu = sum(tree_cpu_seconds(pid) for pid in processes)
         runs = [asyncio.run(drive(url, bodies, concurrency, config.run_seconds, config.max_requests))
                 for _ in range(config.repeats)]
-        server_cpu = tree_cpu_seconds(server.process.pid) - server_cpu
+        server_cpu = sum(tree_cpu_seconds(pid) for pid in processes) - server_cpu
         answered = max(1, sum(r["ok"] for r in runs))
         errors: Counter = Counter()
         for run in runs:
@@ -277,10 +342,11 @@ def measure(server: Launched, bodies, config: LoadConfig, levels: tuple[int, ...
                "throughput": spread([r["throughput"] for r in runs]),
                **{f"{p}_ms": spread([r[p] for r in runs if not np.isnan(r[p])] or [float("nan")])
                   for p in ("p50", "p90", "p99")},
-               "batches": batches_between(before, batch_histogram(server.url)),
+               "batches": batches_between(before, batch_histogram(server.url)) if batches else None,
                # CPU per good answer, over all runs of the level: where the machine's time went
                "server_cpu_ms": server_cpu / answered * 1000,
-               "client_cpu_ms": sum(r["client_cpu_s"] for r in runs) / answered * 1000}
+               "client_cpu_ms": sum(r["client_cpu_s"] for r in runs) / answered * 1000,
+               "server_pss_mib": sum(tree_pss_mib(pid) or 0 for pid in processes) or None}
         rows.append(row)
         batch = f", mean batch {row['batches']['mean_size']:.1f}" if row["batches"] else ""
         print(f"  {server.name} c={concurrency:3d}: {fmt(row['throughput'])} req/s, p50 {fmt(row['p50_ms'])} ms, "
@@ -290,16 +356,16 @@ def measure(server: Launched, bodies, config: LoadConfig, levels: tuple[int, ...
 
 def run(config: LoadConfig, out: Path) -> dict:
     images = [photo_like(*config.image, seed) for seed in range(8)]
-    bodies = [multipart(data) for data in images]
-    results = {"config": asdict(config), **scenario(config.model, config, images, bodies, full=True)}
+    results = {"config": asdict(config), **scenario(config.model, config, images, full=True)}
     plot(results, out / f"{NAME}.png")
     if config.large_model:
-        results["large"] = scenario(config.large_model, config, images, bodies, full=False)
+        results["large"] = scenario(config.large_model, config, images, full=False)
         plot(results["large"], out / f"{NAME}_large.png")
+    plot_peers([results] + ([results["large"]] if config.large_model else []), out / f"{NAME}_peers.png")
     return results
 
 
-def scenario(model: str, config: LoadConfig, images: list[bytes], bodies, full: bool) -> dict:
+def scenario(model: str, config: LoadConfig, images: list[bytes], full: bool) -> dict:
     """One model: its in-process pipeline, then Keel as shipped and the peer under the same load;
     `full` adds Keel's variants (batching off, latency budgets); both get the other worker count."""
     from service.inference import container_cpus, read_model_info
@@ -322,7 +388,7 @@ def scenario(model: str, config: LoadConfig, images: list[bytes], bodies, full: 
             workers, threads = served_workers(server.url)
             servers["keel"] = {"label": f"Keel (defaults: {workers} HTTP worker{'s' if workers > 1 else ''}, chosen at "
                                         "start-up)", "workers": workers,
-                               "levels": measure(server, bodies, config, config.concurrency)}
+                               "levels": measure(server, images, config, config.concurrency)}
         # the worker count the defaults did not choose, to show what the choice is worth
         cpus = container_cpus()
         other = (("keel_workers_other", "Keel, 1 HTTP worker (KEEL_WORKERS=1)",
@@ -336,8 +402,12 @@ def scenario(model: str, config: LoadConfig, images: list[bytes], bodies, full: 
                       keel(model, logs, "keel_unbatched", KEEL_MAX_BATCH_SIZE="1"), config.concurrency)]
         if cpus > 1:
             plan += [(*other, config.workers_concurrency)]
-        plan += [("peer", "Peer: Starlette + ONNX Runtime, uvicorn, per-request", peer(model, logs),
-                  config.concurrency)]
+        for kind in config.peers:  # each peer with one worker and with one per CPU
+            label, launcher, unit = PEERS[kind]
+            for count in sorted({1, cpus}):
+                key = f"peer_{kind}_{count}"
+                plan += [(key, f"{label}, {count} {unit}{'s' if count > 1 else ''}",
+                          launcher(model, logs, count, key), config.peer_concurrency)]
         if full:
             plan += [(f"keel_budget_{ms}ms", f"Keel, KEEL_MAX_LATENCY_MS={ms}",
                       keel(model, logs, f"keel_budget_{ms}ms", KEEL_MAX_LATENCY_MS=str(ms)),
@@ -351,7 +421,7 @@ def scenario(model: str, config: LoadConfig, images: list[bytes], bodies, full: 
             if not levels:
                 continue
             with launcher as server:
-                servers[key] = {"label": label, "levels": measure(server, bodies, config, levels, *path)}
+                servers[key] = {"label": label, "levels": measure(server, images, config, levels, *path)}
 
     return {"model": info, "pipeline": pipeline, "servers": servers,
             "summary": summarize(pipeline, servers, container_cpus())}
@@ -359,7 +429,7 @@ def scenario(model: str, config: LoadConfig, images: list[bytes], bodies, full: 
 
 def summarize(pipeline: dict, servers: dict, cpus: int) -> dict:
     """The targets' figures: Keel's peak against the pipeline and against what the CPUs allow, its
-    added latency at one client, and its ratios to the peer at each level."""
+    added latency at one client, and how it stands against the best peer at each level (the goal)."""
     keel_rows = servers["keel"]["levels"]
     best = max(keel_rows, key=lambda r: r["throughput"]["median"])
     c1 = next((r for r in keel_rows if r["concurrency"] == 1), None)
@@ -381,12 +451,40 @@ def summarize(pipeline: dict, servers: dict, cpus: int) -> dict:
     if "without_bentoml" in servers:
         bare = max(servers["without_bentoml"]["levels"], key=lambda r: r["throughput"]["median"])
         summary["without_bentoml_ratio"] = bare["throughput"]["median"] / pipeline["images_per_s"]["median"]
-    for level in (r["concurrency"] for r in servers["peer"]["levels"]):
-        k = next(r for r in keel_rows if r["concurrency"] == level)
-        p = next(r for r in servers["peer"]["levels"] if r["concurrency"] == level)
-        summary[f"vs_peer_at_{level}"] = {"throughput_ratio": k["throughput"]["median"] / p["throughput"]["median"],
-                                          "p99_ratio": k["p99_ms"]["median"] / p["p99_ms"]["median"]}
+    peers = {key: server for key, server in servers.items() if key.startswith("peer_")}
+    if peers:
+        summary["vs_peers"], summary["goal_misses"] = against_peers(keel_rows, peers)
+        summary["goal_met"] = not summary["goal_misses"]
     return summary
+
+
+def against_peers(keel_rows: list[dict], peers: dict) -> tuple[dict, list[str]]:
+    """Per level the peers were measured at: the best peer on throughput and on p99 (each peer at
+    whichever worker count did best there) and Keel's ratios to them; and where Keel misses its goal
+    (ahead on both at >= 16 clients, throughput within 10% of the best at 1 client)."""
+    table, misses = {}, []
+    levels = sorted({r["concurrency"] for server in peers.values() for r in server["levels"]})
+    for level in levels:
+        keel = next((r for r in keel_rows if r["concurrency"] == level), None)
+        rows = [(key, r) for key, server in peers.items() for r in server["levels"] if r["concurrency"] == level]
+        if keel is None or not rows:
+            continue
+        fastest = max(rows, key=lambda kr: kr[1]["throughput"]["median"])
+        steadiest = min(rows, key=lambda kr: kr[1]["p99_ms"]["median"])
+        entry = table[str(level)] = {
+            "best_throughput": {"server": fastest[0], "value": fastest[1]["throughput"]["median"]},
+            "best_p99": {"server": steadiest[0], "value": steadiest[1]["p99_ms"]["median"]},
+            "throughput_ratio": keel["throughput"]["median"] / fastest[1]["throughput"]["median"],
+            "p99_ratio": keel["p99_ms"]["median"] / steadiest[1]["p99_ms"]["median"]}
+        if level >= 16 and entry["throughput_ratio"] <= 1:
+            misses.append(f"throughput at {level} clients: {entry['throughput_ratio']:.2f}x "
+                          f"{peers[fastest[0]]['label']}'s")
+        if level >= 16 and entry["p99_ratio"] >= 1:
+            misses.append(f"p99 at {level} clients: {entry['p99_ratio']:.2f}x {peers[steadiest[0]]['label']}'s")
+        if level == 1 and entry["throughput_ratio"] < 0.9:
+            misses.append(f"throughput at 1 client: {entry['throughput_ratio']:.2f}x "
+                          f"{peers[fastest[0]]['label']}'s (goal >= 0.90)")
+    return table, misses
 
 
 def plot(results: dict, path: Path) -> None:
@@ -396,7 +494,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, style in (("keel", "o-"), ("keel_unbatched", "s--"), ("keel_workers_other", "d-."), ("peer", "^-")):
+    for key, style in (("keel", "o-"), ("keel_unbatched", "s--"), ("keel_workers_other", "d-."),
+                       ("peer_starlette_1", "^-")):
         if key not in results["servers"]:
             continue
         rows = results["servers"][key]["levels"]
@@ -425,10 +524,44 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_peers(scenarios: list[dict], path: Path) -> None:
+    """Keel against every peer: throughput and p99 per level, one row per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(scenarios), 2, figsize=(12, 4.4 * len(scenarios)), squeeze=False)
+    for (left, right), results in zip(axes, scenarios):
+        keys = ["keel"] + [key for key in results["servers"] if key.startswith("peer_")]
+        for index, key in enumerate(keys):
+            rows = results["servers"][key]["levels"]
+            x = [r["concurrency"] for r in rows]
+            kind = (index - 1) // 2  # peers come in pairs: one worker, one per CPU
+            style = dict(marker="o", linewidth=2.5, color="black") if key == "keel" else dict(
+                marker="s^Dv"[kind % 4], linestyle="-" if key.endswith("_1") else "--", color=f"C{kind}")
+            for axis, metric in ((left, "throughput"), (right, "p99_ms")):
+                axis.plot(x, [r[metric]["median"] for r in rows], label=results["servers"][key]["label"], **style)
+        title = model_text(results["model"]) if results.get("model") else ""
+        left.set(title=f"Throughput\n{title}", xlabel="concurrent clients", ylabel="requests/s", xscale="log")
+        right.set(title=f"p99 latency\n{title}", xlabel="concurrent clients", ylabel="ms", xscale="log",
+                  yscale="log")
+        for axis in (left, right):
+            levels = sorted({r["concurrency"] for server in results["servers"].values() for r in server["levels"]})
+            axis.set_xticks(levels, [str(c) for c in levels])
+            axis.grid(alpha=0.3)
+        left.set_ylim(bottom=0)
+    axes[0][1].legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def render(results: dict) -> str:
     config = results["config"]
     lines = [
-        "### The service under load, and a peer",
+        "### The service under load, and the servers users would pick instead",
         "",
         f"Closed-loop clients (asyncio + aiohttp, on the same machine) upload a {config['image'][0]}x"
         f"{config['image'][1]} photo-like JPEG as multipart; each run stops after {config['run_seconds']:g} s or "
@@ -436,7 +569,17 @@ def render(results: dict) -> str:
         "Throughput counts good answers only; latency is the client's, request sent to answer read. "
         "\"batches\" is the mean batch size the adaptive batcher formed (Keel's `keel_batch_size` histogram "
         "in `/metrics`). The load generator runs on the same cores as the server; \"CPU ms/request\" is the "
-        "server's processes' CPU time per good answer, plus the load generator's.",
+        "server's processes' CPU time per good answer, plus the load generator's; \"MiB\" is the memory the "
+        "server's processes hold together (proportional set size) after the level's runs.",
+        "",
+        "The peers, on the same model, JPEGs, preprocessing (Keel's, reduced-size JPEG decode included), load "
+        "generator and machine, in the same run, each with one worker and with one per CPU (ONNX Runtime's "
+        "threads divided among them): a plain Starlette app under uvicorn with per-request inference "
+        "(`benchmarks/peer_server.py`); the service BentoML's documentation shows, a typed "
+        "`@bentoml.api(batchable=True)` taking `PIL.Image` (`benchmarks/bentoml_docs_peer.py`); Ray Serve with "
+        "`@serve.batch` (`benchmarks/ray_serve_peer.py`, its processes' CPU included). Keel's goal: ahead of "
+        "every peer on throughput and p99 at >= 16 clients, and within 10% of the best peer's throughput at "
+        "1 client, each peer at whichever worker count did best at that level.",
         "",
     ]
     if results.get("model"):
@@ -448,6 +591,8 @@ def render(results: dict) -> str:
                   "images: speed does not depend on the weights), where inference is the cost, as in most "
                   "deployments.", ""]
         lines += scenario_lines(results["large"], "_large")
+    if any(key.startswith("peer_") and key != "peer_starlette_1" for key in results.get("servers", {})):
+        lines += ["![Keel against the peers: throughput and p99 vs concurrency](benchmarks/service_load_peers.png)", ""]
     return "\n".join(lines)
 
 
@@ -457,15 +602,17 @@ def model_text(info: dict) -> str:
 
 def scenario_lines(results: dict, suffix: str) -> list[str]:
     summary, pipeline = results["summary"], results["pipeline"]
-    lines = ["| server | clients | requests/s | p50 ms | p90 ms | p99 ms | errors | batches | CPU ms/request |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| server | clients | requests/s | p50 ms | p90 ms | p99 ms | errors | batches | CPU ms/request | MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for server in results["servers"].values():
         for r in server["levels"]:
             errors = sum(r["errors"].values())
             error_text = f"{errors} ({', '.join(f'{k}: {v}' for k, v in r['errors'].items())})" if errors else "0"
             batch = f"{r['batches']['mean_size']:.1f}" if r.get("batches") else "—"
+            memory = f"{r['server_pss_mib']:.0f}" if r.get("server_pss_mib") else "—"
             lines.append(f"| {server['label']} | {r['concurrency']} | {fmt(r['throughput'], 0)} | {fmt(r['p50_ms'])} "
-                         f"| {fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} | {error_text} | {batch} | {cpu_text(r)} |")
+                         f"| {fmt(r['p90_ms'])} | {fmt(r['p99_ms'])} | {error_text} | {batch} | {cpu_text(r)} "
+                         f"| {memory} |")
     ratio = summary["saturation_ratio"]
     best = next(r for r in results["servers"]["keel"]["levels"]
                 if r["concurrency"] == summary["saturation_concurrency"])
@@ -511,11 +658,8 @@ def scenario_lines(results: dict, suffix: str) -> list[str]:
         lines.append(f"- **Added latency**: at 1 client Keel's p50 is {added:.1f} ms above the in-process "
                      f"single-image time of {pipeline['single_image_ms']['median']:.2f} ms (target < 5 ms: "
                      f"{'met' if added < 5 else 'not met'}).")
-    peers = [(int(k.rsplit("_", 1)[1]), v) for k, v in summary.items() if k.startswith("vs_peer_at_")]
-    if peers:
-        lines.append("- **Against the peer** (Keel / peer): " + "; ".join(
-            f"{c} clients: throughput ×{v['throughput_ratio']:.2f}, p99 ×{v['p99_ratio']:.2f}" for c, v in peers)
-            + ". Target at ≥ 16 clients: throughput above 1 and p99 below 1.")
+    if summary.get("vs_peers"):
+        lines += peer_lines(results)
     budgets = [(key, row) for key, server in results["servers"].items() if key.startswith("keel_budget_")
                for row in server["levels"]]
     if budgets:
@@ -528,6 +672,23 @@ def scenario_lines(results: dict, suffix: str) -> list[str]:
                      "Keep KEEL_MAX_LATENCY_MS at a bound clients would rather fail than wait past, not a target.")
     lines += ["", f"![throughput and p99 vs concurrency](benchmarks/{NAME}{suffix}.png)", ""]
     return lines
+
+
+def peer_lines(results: dict) -> list[str]:
+    """Keel against the best peer at each level, and whether this run met the goal."""
+    summary, servers = results["summary"], results["servers"]
+    keel = {str(r["concurrency"]): r for r in servers["keel"]["levels"]}
+    goal = "**met**" if summary["goal_met"] else "**not met** (" + "; ".join(summary["goal_misses"]) + ")"
+    lines = [f"- **Against the peers**: Keel's goal {goal} in this run.", "",
+             "| clients | Keel requests/s | best peer | its requests/s | Keel / best | Keel p99 ms | lowest-p99 peer "
+             "| its p99 ms | Keel / lowest |", "|---:|---:|---|---:|---:|---:|---|---:|---:|"]
+    for level, entry in summary["vs_peers"].items():
+        fast, steady = entry["best_throughput"], entry["best_p99"]
+        lines.append(f"| {level} | {keel[level]['throughput']['median']:.0f} | {servers[fast['server']]['label']} "
+                     f"| {fast['value']:.0f} | ×{entry['throughput_ratio']:.2f} "
+                     f"| {keel[level]['p99_ms']['median']:.1f} "
+                     f"| {servers[steady['server']]['label']} | {steady['value']:.1f} | ×{entry['p99_ratio']:.2f} |")
+    return lines + [""]
 
 
 def cpu_text(row: dict) -> str:

@@ -47,7 +47,13 @@ from starlette.routing import Route
 
 from service import api, jobs, v2
 from service.api import BatchClassification, Classification, Image, Metadata, ModelName, TopK, answer
-from service.bentoml_internals import bentoml_tracing, cache_api_methods, guarded_api, replace_bentoml_timeout
+from service.bentoml_internals import (
+    bentoml_tracing,
+    cache_api_methods,
+    close_listener_first,
+    guarded_api,
+    replace_bentoml_timeout,
+)
 from service.config import ServiceConfig
 from service.core import Keel, load_catalogue
 from service.uploads import (
@@ -94,6 +100,7 @@ CONFIG = ServiceConfig.from_env()
 PLAN = plan_serving(CONFIG)
 IN_PROGRESS = InProgress()  # this worker's requests in progress: the guard counts, the engine reads
 replace_bentoml_timeout()  # before BentoML assembles the app, see service/bentoml_internals.py
+close_listener_first()  # SIGTERM: refuse new connections at once, answer those accepted (bentoml_internals.py)
 # GET /metadata and the Open Inference Protocol: plain routes, mounted; they serve `http.state.keel`.
 http = Starlette(routes=[Route("/metadata", metadata_get, methods=["GET"]), *v2.routes()])
 

@@ -159,6 +159,10 @@ def test_container_runs_as_non_root_with_read_only_packages(container, image):
     --read-only the code it runs is not its own to change."""
     config = json.loads(podman("image", "inspect", image).stdout)[0]["Config"]
     assert config["User"] == "bentoml"
+    # what deploy/kubernetes runs it as and sends traffic to (tests/test_kubernetes.py)
+    from tests.test_kubernetes import IMAGE_PORT
+
+    assert f"{IMAGE_PORT}/tcp" in config.get("ExposedPorts", {}), config.get("ExposedPorts")
     # every process in the running container, the server's workers included
     processes = [line.split() for line in podman("top", container.name, "user", "huser").stdout.splitlines()[1:]]
     assert processes and all(p == ["bentoml", str(USER_UID)] for p in processes), processes
@@ -218,6 +222,30 @@ def test_container_reports_keels_version(container):
     import service
 
     assert request(f"{container.url}/v2")[1]["version"] == service.__version__
+
+
+def test_container_drains_on_sigterm_under_load(image, tmp_path):
+    """tests/test_drain.py's contract, for the image as Kubernetes runs it: SIGTERM under load answers
+    the requests accepted, refuses new connections at once, and exits 0 within the grace period. The
+    preStop hook's command (deploy/kubernetes) exists in the image."""
+    from tests.test_drain import check_drain, drain_under_load
+
+    srv = Container(image, {"KEEL_WORKERS": "2", "KEEL_CPU_THREADS": "1"}, tmp_path / "container.log")
+    try:
+        srv.wait_ready()
+        assert podman("exec", srv.name, "sleep", "0", check=False).returncode == 0  # the preStop hook's command
+
+        def wait_exit(timeout: float) -> int | None:
+            try:
+                return srv.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return None
+
+        report = drain_under_load(srv.port, lambda: podman("kill", "--signal", "TERM", srv.name), wait_exit)
+        check_drain(report, srv.output())
+    finally:
+        srv.stop()
+        podman("rm", "--force", "--ignore", srv.name, check=False)
 
 
 def test_container_stops_cleanly_on_sigterm(container):
