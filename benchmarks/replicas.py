@@ -13,8 +13,8 @@ haproxy share the machine's cores with the replicas, as in benchmarks/service_lo
    reference, one replica with every CPU (scaling up instead of out).
 2. Losing a replica under load (two replicas, the clients keep sending): it is killed (SIGKILL,
    a crash) or stopped (SIGTERM, a rollout or scale-down: it drains, service/bentoml_internals.py,
-   close_listener_first). Every request is recorded with when it was sent and answered: the failures must all be requests that
-   were in flight when the replica went (haproxy's count of requests in progress on it is read
+   close_listener_first). Every request is recorded with when it was sent and answered: the failures
+   must all be requests that were in flight when the replica went (haproxy's count of requests in progress on it is read
    just before), none sent after. A third run kills it again with haproxy also retrying requests
    that got no answer at all (`retry-on empty-response`, on /classify only: a classification is
    safe to repeat), which turns those losses into slower answers.
