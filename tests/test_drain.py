@@ -30,7 +30,7 @@ import pytest
 
 from benchmarks.limit import photo_like
 from benchmarks.service_load import multipart
-from tests.conftest import Server
+from tests.support import Server
 from tests.test_kubernetes import grace_budget_s
 
 pytestmark = pytest.mark.slow
