@@ -403,6 +403,8 @@ def build_metadata(checkpoint: dict, checkpoint_path: Path, name: str, opset: in
         "preprocessing": json.dumps(checkpoint["preprocessing"], sort_keys=True),
         "metrics": json.dumps(checkpoint.get("metrics", {})),
         "stability": json.dumps(checkpoint.get("stability", {})),
+        **({"init_from": json.dumps({key: checkpoint["init_from"][key] for key in ("file", "sha256", "source")})}
+           if checkpoint.get("init_from") else {}),
         "checkpoint_sha256": digest,
         "exported_at": now(),
         "opset": str(opset),

@@ -45,6 +45,7 @@ class ModelInfo:
     metrics: dict = field(default_factory=dict)
     precision: str = "fp32"  # fp32, or the export variant (fp16, int8); older exports are fp32
     stability: dict = field(default_factory=dict)  # the training run's stability report
+    init_from: dict = field(default_factory=dict)  # initial weights' {"file", "sha256", "source"}; {}: from scratch
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str], source: str | Path) -> ModelInfo:
@@ -59,7 +60,7 @@ class ModelInfo:
             preprocessing=PreprocessSpec.from_json(props["preprocessing"]),
             checkpoint_sha256=props.get("checkpoint_sha256", ""), exported_at=props.get("exported_at", ""),
             metrics=json.loads(props.get("metrics", "{}")), precision=props.get("precision", "fp32"),
-            stability=json.loads(props.get("stability", "{}")),
+            stability=json.loads(props.get("stability", "{}")), init_from=json.loads(props.get("init_from", "{}")),
         )
 
     def to_dict(self) -> dict:
@@ -68,7 +69,7 @@ class ModelInfo:
             "input_size": [self.preprocessing.crop, self.preprocessing.crop],
             "preprocessing": self.preprocessing.to_dict(), "checkpoint_sha256": self.checkpoint_sha256,
             "exported_at": self.exported_at, "metrics": self.metrics, "precision": self.precision,
-            "stability": self.stability,
+            "stability": self.stability, "init_from": self.init_from,
         }
 
 
