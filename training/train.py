@@ -117,6 +117,10 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
         precision.load_state_dict(state.get("scaler", {}))
         rng = state["rng_ranks"][rank] if world > 1 else state["rng"]
         torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        elif ("cuda" in rng) != (device.type == "cuda"):
+            log(f"note: {config.resume} was trained on another kind of device; the run will not repeat bit for bit")
         train_loader.generator.set_state(rng["loader"])
         step, skipped, best_acc, first_epoch = (state["step"], state["skipped_steps"], state["best_val_acc"],
                                                 state["epoch"] + 1)
@@ -197,6 +201,8 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
             trainer.good_state = snapshot(module, optimizer)
         # Everything an interrupted run needs to go on exactly as if it had not stopped.
         rng = {"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state()}
+        if device.type == "cuda":  # dropout on the GPU draws from the device's generator. This process's device
+            rng["cuda"] = torch.cuda.get_rng_state(device)  # only: _all() would wake every GPU in every process
         rng_ranks = dist_env.gather(rng)
         if not lead:
             continue
