@@ -99,13 +99,13 @@ def test_export_without_training_data_still_refuses_a_graph_that_disagrees(conve
     assert not out.parent.exists()
 
 
-def test_converter_refuses_what_it_cannot_convert(converted, trained_run, tmp_path):
+def test_converter_refuses_what_it_cannot_convert(converted, small_run, tmp_path):
     weights, labels, _, _ = converted
     short = tmp_path / "short.txt"
     short.write_text("\n".join(LABELS[:999]))
     cases = {
         "labels_count": (weights, "googlenet", short, f"{weights}: its classifier has 1000 outputs, for 999 labels"),
-        "keel_checkpoint": (trained_run / "best.pt", "alexnet", labels, "a Keel checkpoint of alexnet_bn"),
+        "keel_checkpoint": (small_run / "best.pt", "alexnet", labels, "a Keel checkpoint of alexnet_bn"),
         "wrong_arch": (weights, "inception_v3", labels, "looks like torchvision's googlenet"),
         "no_labels": (weights, "googlenet", tmp_path / "none.txt", "cannot read the labels"),
     }

@@ -194,46 +194,44 @@ def test_files_without_num_batches_tracked_or_wrapped_by_a_training_script_load(
     assert torch.equal(again.inception5b.branch1[0].weight, model.inception5b.branch1[0].weight)
 
 
-def _bad_files(tmp_path):
-    """name -> (file, arch, words the error must contain)."""
-    cases = {}
-
-    def case(name, arch, expected, layout="googlenet_no_aux", edit=None, write=None):
-        path = tmp_path / f"{name}.pth"
-        if write:
-            write(path)
-        elif layout:
-            path = torchvision_file(tmp_path, layout, edit=edit)
-            path = path.rename(tmp_path / f"{name}.pth")
-        cases[name] = (path, arch, expected)
-
-    case("missing_file", "inception_v1_bn", "no such weights file", layout=None)
-    case("corrupt", "inception_v1_bn", "not a readable weights file", write=lambda p: p.write_bytes(b"\x80junk"))
-    case("not_a_state_dict", "inception_v1_bn", "neither a Keel checkpoint nor a state dict",
-         write=lambda p: torch.save([1, 2, 3], p))
-    case("unexpected_key", "inception_v1_bn", "unexpected key extra.weight",
-         edit=lambda s: s.update({"extra.weight": torch.zeros(1)}))
-    case("missing_key", "inception_v1_bn", "missing inception4c.branch2.1.0.weight",
-         edit=lambda s: s.pop("inception4c.branch2.1.conv.weight"))
-    case("wrong_shape", "inception_v1_bn", "conv3.0.weight is [192, 64, 2, 2] in the file, [192, 64, 3, 3]",
-         edit=lambda s: s.update({"conv3.conv.weight": torch.zeros(192, 64, 2, 2)}))
-    case("other_model", "inception_v3", "looks like torchvision's googlenet: use --arch inception_v1_bn")
-    case("no_torchvision_model", "alexnet_bn", "torchvision has no alexnet_bn", layout="alexnet")
-    return cases
+def drop(name):
+    return lambda state: state.pop(name)
 
 
-@pytest.mark.parametrize("case", ["missing_file", "corrupt", "not_a_state_dict", "unexpected_key", "missing_key",
-                                  "wrong_shape", "other_model", "no_torchvision_model"])
+# case -> (arch, the words the error must contain, how to make the file: a layout and an edit, or a writer)
+BAD_FILES = {
+    "missing_file": ("inception_v1_bn", "no such weights file", None),
+    "corrupt": ("inception_v1_bn", "not a readable weights file", lambda p: p.write_bytes(b"not a torch file")),
+    "not_a_state_dict": ("inception_v1_bn", "neither a Keel checkpoint nor a state dict",
+                         lambda p: torch.save([1, 2, 3], p)),
+    "unexpected_key": ("inception_v1_bn", "unexpected key extra.weight",
+                       ("googlenet_no_aux", lambda s: s.update({"extra.weight": torch.zeros(1)}))),
+    "missing_key": ("inception_v1_bn", "missing inception4c.branch2.1.0.weight",
+                    ("googlenet_no_aux", drop("inception4c.branch2.1.conv.weight"))),
+    "wrong_shape": ("inception_v1_bn", "conv3.0.weight is [192, 64, 2, 2] in the file, [192, 64, 3, 3]",
+                    ("googlenet_no_aux", lambda s: s.update({"conv3.conv.weight": torch.zeros(192, 64, 2, 2)}))),
+    "other_model": ("inception_v3", "looks like torchvision's googlenet: use --arch inception_v1_bn",
+                    ("googlenet_no_aux", None)),
+    "no_torchvision_model": ("alexnet_bn", "torchvision has no alexnet_bn", ("alexnet", None)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
 def test_files_that_do_not_fit_are_refused_naming_the_file_and_the_key(case, tmp_path):
-    path, arch, expected = _bad_files(tmp_path)[case]
+    arch, expected, make = BAD_FILES[case]
+    path = tmp_path / f"{case}.pth"
+    if isinstance(make, tuple):
+        path = torchvision_file(tmp_path, make[0], edit=make[1]).rename(path)
+    elif make:
+        make(path)
     with pytest.raises(WeightsError) as error:
         weights = read_weights(path, arch)
         initialise(build_model(arch, num_classes=1000), weights, [str(i) for i in range(1000)])
     assert str(error.value).startswith(f"{path}: ") and expected in str(error.value), str(error.value)
 
 
-def test_keel_checkpoint_of_the_same_arch_keeps_its_classifier_only_for_the_same_labels(trained_run):
-    best = trained_run / "best.pt"
+def test_keel_checkpoint_of_the_same_arch_keeps_its_classifier_only_for_the_same_labels(small_run):
+    best = small_run / "best.pt"
     checkpoint = torch.load(best, weights_only=True)
     weights = read_weights(best, "alexnet_bn")
     assert weights.source == "keel alexnet_bn" and weights.labels == checkpoint["labels"]
@@ -248,8 +246,8 @@ def test_keel_checkpoint_of_the_same_arch_keeps_its_classifier_only_for_the_same
     assert report.reinitialised == ["classifier.fc3.weight", "classifier.fc3.bias"]
     with pytest.raises(WeightsError, match="a Keel checkpoint of alexnet_bn, not inception_v3"):
         read_weights(best, "inception_v3")
-    wider = build_model("alexnet_bn", **{**checkpoint["model_args"], "width": 0.5})
-    with pytest.raises(WeightsError, match="it was built with .*'width': 0.25"):
+    wider = build_model("alexnet_bn", **{**checkpoint["model_args"], "width": 0.25})
+    with pytest.raises(WeightsError, match="it was built with .*'width': 0.125"):
         initialise(wider, weights, checkpoint["labels"])
 
 
