@@ -91,7 +91,7 @@ def test_head_learning_rate_multiplier_reaches_the_optimizer_step():
 
 @pytest.mark.slow
 def test_fine_tuning_run_from_a_keel_checkpoint_keeps_the_frozen_layers_and_records_its_source(
-        trained_run, shapes_data, tmp_path):
+        small_run, shapes_data, tmp_path):
     """--init-from a trained run's best.pt on a re-labelled task, backbone frozen: the frozen tensors (batch
     norm statistics included) leave training exactly as they came, the classifier is new, the checkpoint
     and the export say where the weights came from, and a resume checks the file is still the same."""
@@ -106,10 +106,10 @@ def test_fine_tuning_run_from_a_keel_checkpoint_keeps_the_frozen_layers_and_reco
             (task / split / f"new_{folder.name}").mkdir(parents=True)
             for image in sorted(folder.iterdir())[:count]:
                 shutil.copy(image, task / split / f"new_{folder.name}" / image.name)
-    source = trained_run / "best.pt"
+    source = small_run / "best.pt"
     args = ["-m", "training", "--recipe", "training/recipes/alexnet_bn.yaml", "--data", str(task),
-            "--epochs", "2", "--batch-size", "16", "--workers", "0", "--trainable-from", "classifier",
-            "--head-lr-scale", "5", "--out", str(tmp_path / "run")]
+            "--width", "0.125", "--epochs", "2", "--batch-size", "16", "--workers", "0",
+            "--trainable-from", "classifier", "--head-lr-scale", "5", "--out", str(tmp_path / "run")]
     result = run_python(*args, "--init-from", str(source), "--epochs", "1")
     assert result.returncode == 0, result.stderr
     assert f"initial weights from {source} (keel alexnet_bn" in result.stderr
@@ -140,3 +140,53 @@ def test_fine_tuning_run_from_a_keel_checkpoint_keeps_the_frozen_layers_and_reco
     export_checkpoint(tmp_path / "run" / "best.pt", model, log=lambda message: None)
     assert OnnxClassifier(model, device="cpu").info.init_from == {"file": "best.pt", "sha256": digest,
                                                                   "source": "keel alexnet_bn"}
+
+
+@pytest.mark.slow
+def test_training_from_a_torchvision_file_takes_its_tensors_and_preprocessing(tmp_path):
+    """`python -m training --init-from` a torchvision GoogLeNet file (aux heads included, as released): the
+    run normalises with the weights' mean = std = 0.5, the frozen layers end as the file's tensors, the
+    classifier is new (10 classes, not 1000) and the untrained aux heads start fresh."""
+    from tests.test_pretrained import torchvision_file
+    from training.pretrained import keel_name
+    from training.shapes import ShapesConfig, generate_dataset
+
+    data = generate_dataset(tmp_path / "data", ShapesConfig(size=64, train_per_class=2, val_per_class=1,
+                                                            test_per_class=0), progress=False)
+    weights = torchvision_file(tmp_path, "googlenet", seed=5)
+    result = run_python("-m", "training", "--arch", "inception_v1_bn", "--init-from", str(weights), "--data", str(data),
+                        "--out", str(tmp_path / "run"), "--image-size", "64", "--resize", "64", "--epochs", "1",
+                        "--batch-size", "4", "--workers", "0", "--model-args", '{"aux_logits": true}',
+                        "--trainable-from", "inception5a")
+    assert result.returncode == 0, result.stderr
+    assert "preprocessing from the initial weights: mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5)" in result.stderr
+    assert "note: training at 64 px; the initial weights were trained at 224 px" in result.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["mean"] == config["std"] == [0.5, 0.5, 0.5]
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert checkpoint["preprocessing"]["mean"] == (0.5, 0.5, 0.5)
+    record = checkpoint["init_from"]
+    assert record["source"] == "torchvision googlenet" and record["reinitialised"] == ["fc.weight", "fc.bias"]
+    assert {name.split(".")[0] for name in record["initialised_fresh"] + record["dropped"]} == {"aux1", "aux2"}
+    file = torch.load(weights, weights_only=True)
+    for name, tensor in file.items():
+        keel = keel_name(name, LAYOUTS["inception_v1_bn"])
+        if not keel.startswith(("inception5", "aux", "fc")):  # frozen: exactly the file's, BN statistics too
+            assert torch.equal(checkpoint["state_dict"][keel], tensor), name
+    assert not torch.equal(checkpoint["state_dict"]["inception5b.branch1.0.weight"],
+                           file["inception5b.branch1.conv.weight"])
+
+
+@pytest.mark.slow
+def test_transfer_study_machinery(tmp_path):
+    """`python -m training.finetune_study --quick`: pre-training, the three arms, the JSON, the plot and the page."""
+    from training.finetune_study import main
+
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "finetune" / "finetune.json").read_text())
+    assert list(results["arms"]) == ["scratch", "frozen", "finetune"]
+    assert results["arms"]["frozen"]["changes"] == {"init_from": "best.pt", "trainable_from": "classifier"}
+    assert all(0 <= arm["test_acc"] <= 1 and arm["runs"][0]["curve"] for arm in results["arms"].values())
+    page = (tmp_path / "finetune.md").read_text()
+    assert "| frozen backbone |" in page and "finetune_inception_v3.yaml" in page
+    assert (tmp_path / "finetune" / "finetune.png").stat().st_size > 10_000
