@@ -154,10 +154,10 @@ def test_training_from_a_torchvision_file_takes_its_tensors_and_preprocessing(tm
     data = generate_dataset(tmp_path / "data", ShapesConfig(size=64, train_per_class=2, val_per_class=1,
                                                             test_per_class=0), progress=False)
     weights = torchvision_file(tmp_path, "googlenet", seed=5)
-    result = run_python("-m", "training", "--arch", "inception_v1_bn", "--init-from", str(weights), "--data", str(data),
-                        "--out", str(tmp_path / "run"), "--image-size", "64", "--resize", "64", "--epochs", "1",
-                        "--batch-size", "4", "--workers", "0", "--model-args", '{"aux_logits": true}',
-                        "--trainable-from", "inception5a")
+    args = ["-m", "training", "--arch", "inception_v1_bn", "--data", str(data), "--out", str(tmp_path / "run"),
+            "--image-size", "64", "--resize", "64", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+            "--model-args", '{"aux_logits": true}', "--trainable-from", "inception5a"]
+    result = run_python(*args, "--init-from", str(weights))
     assert result.returncode == 0, result.stderr
     assert "preprocessing from the initial weights: mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5)" in result.stderr
     assert "note: training at 64 px; the initial weights were trained at 224 px" in result.stderr
@@ -175,6 +175,9 @@ def test_training_from_a_torchvision_file_takes_its_tensors_and_preprocessing(tm
             assert torch.equal(checkpoint["state_dict"][keel], tensor), name
     assert not torch.equal(checkpoint["state_dict"]["inception5b.branch1.0.weight"],
                            file["inception5b.branch1.conv.weight"])
+    # resumed without --init-from, the run would normalise with ImageNet's mean/std: refused, not trained on
+    forgot = run_python(*args, "--epochs", "2", "--resume", str(tmp_path / "run" / "last.pt"))
+    assert forgot.returncode == 2 and "was trained with preprocessing" in forgot.stderr, forgot.stderr
 
 
 @pytest.mark.slow

@@ -281,7 +281,7 @@ def initialise(model: nn.Module, weights: Weights, labels: list[str], reinitiali
             problems.append(f"missing {name}")
     if problems:
         hint = (f" (it was built with {weights.model_args})" if weights.model_args is not None
-                else " (torchvision's weights are width 1.0)")
+                else " (torchvision's weights are width 1.0)" if any(" in the file, " in p for p in problems) else "")
         raise WeightsError(f"{path}: does not fit {weights.source.split()[-1]} as built here{hint}: "
                            f"{listing(problems)}")
     model.load_state_dict({**target, **state})

@@ -112,6 +112,9 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
         init_from = state.get("init_from")
         if weights is not None and (init_from or {}).get("sha256") != weights.sha256:
             raise ValueError(f"{config.resume}: was not initialised from {config.init_from} (or that file changed)")
+        if PreprocessSpec.from_dict(state["preprocessing"]) != spec:  # e.g. sizes that came with --init-from
+            raise ValueError(f"{config.resume}: was trained with preprocessing {state['preprocessing']}, not "
+                             f"{spec.to_dict()}: resume with the command that started the run")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         precision.load_state_dict(state.get("scaler", {}))
