@@ -24,13 +24,15 @@ def main(argv: list[str] | None = None) -> int:
                     "optionally with fp16 and int8 variants beside it.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {service.__version__}")
     parser.add_argument("checkpoint", type=Path,
-                        help="a checkpoint written by `python -m training` (e.g. RUN_DIR/best.pt)")
+                        help="a checkpoint written by `python -m training` (e.g. RUN_DIR/best.pt) or "
+                             "`python -m training.convert`")
     parser.add_argument("--out", type=Path, required=True,
                         help="where to write the .onnx file; its .parity.json and any variants (NAME.fp16.onnx, "
                              "NAME.int8.onnx) land beside it")
     parser.add_argument("--name", default=None, help="model name recorded in the metadata (default: the arch)")
-    parser.add_argument("--samples", type=Path, default=None,
-                        help="image folder for the parity check (default: the training data's val/ split)")
+    parser.add_argument("--parity-images", "--samples", dest="samples", type=Path, default=None,
+                        help="image folder for the parity check (default: the training data's val/ split; "
+                             "without training data, as for a converted checkpoint: synthetic images)")
     parser.add_argument("--fp16", action="store_true",
                         help="also write a float16 variant for the CUDA provider (input and output stay float32)")
     parser.add_argument("--int8", action="store_true",

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from service.inference import INPUT_NAME, METADATA_PREFIX, OUTPUT_NAME, ModelInfo, OnnxClassifier
-from service.preprocessing import ImageDecodeError, PreprocessSpec, find_images, preprocess_bytes
+from service.preprocessing import ImageDecodeError, PreprocessSpec, find_images, preprocess, preprocess_bytes
 from service.progress import Progress
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -60,7 +60,7 @@ Log = Callable[[str], None]
 @dataclass(frozen=True)
 class ExportConfig:
     name: str | None = None  # model name recorded in the metadata; None: the arch
-    samples: str | None = None  # parity images (a folder); None: the training data's val/ split
+    samples: str | None = None  # parity images (a folder); None: the training data's val/ split, else synthetic
     parity_samples: int = 32  # parity images used, spread over the folder's classes
     fp16: bool = False  # also write <out>.fp16.onnx (for the CUDA provider)
     int8: bool = False  # also write <out>.int8.onnx (static QDQ quantization, for the CPU)
@@ -411,6 +411,8 @@ def describe(checkpoint: dict, checkpoint_path: Path, name: str, opset: int = OP
         metrics=checkpoint.get("metrics", {}),
         precision="fp32",
         stability=checkpoint.get("stability", {}),
+        init_from={key: checkpoint["init_from"][key] for key in ("file", "sha256", "source")}
+        if checkpoint.get("init_from") else {},
         extra={"model_args": json.dumps(checkpoint["model_args"]), "opset": str(opset),
                "exporter": json.dumps(versions())},
     )
@@ -467,13 +469,29 @@ def spread_over(paths: list[Path], limit: int) -> list[Path]:
 
 def sample_inputs(spec: PreprocessSpec, samples_dir: Path | None, limit: int = 32,
                   log: Log = print) -> tuple[np.ndarray, str]:
-    """Real images when there are any (the given folder, else the training run's validation split),
-    random inputs only as a last resort (said in the log and the report). Returns the batch and its source."""
+    """Real images when there are any (the given folder, else the training run's validation split);
+    without them (a converted checkpoint has no training data) synthetic images, said in the log and
+    the report. Returns the batch and its source."""
     paths = spread_over(find_images(samples_dir), limit) if samples_dir is not None and samples_dir.is_dir() else []
     if paths:
         return load_images(paths, spec, "parity images"), str(samples_dir)
-    log(f"warning: no validation images at {samples_dir}; parity runs on random inputs (pass --samples DIR)")
-    return np.random.default_rng(0).standard_normal((limit, 3, spec.crop, spec.crop), dtype=np.float32), "random inputs"
+    where = f"no images at {samples_dir}" if samples_dir is not None else "the checkpoint names no training data"
+    log(f"note: {where}; parity runs on {limit} synthetic images (pass --parity-images DIR for real ones)")
+    return synthetic_images(spec, limit), SYNTHETIC
+
+
+SYNTHETIC = "synthetic images (rendered shapes)"
+
+
+def synthetic_images(spec: PreprocessSpec, count: int) -> np.ndarray:
+    """`count` images made here, through the model's own preprocessing: the built-in data set's shapes
+    (edges, flat colour, gradients, noise) at the resize size, so the inputs lie where real ones do,
+    which random tensors do not."""
+    from training.shapes import CLASSES, render_sample
+
+    rng = np.random.default_rng(0)
+    return np.stack([preprocess(render_sample(CLASSES[i % len(CLASSES)], rng, spec.resize), spec)
+                     for i in range(count)])
 
 
 def labelled_images(root: Path, labels: list[str], spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:

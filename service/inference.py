@@ -48,6 +48,7 @@ class ModelInfo:
     metrics: dict = field(default_factory=dict)
     precision: str = "fp32"  # fp32, or the export variant (fp16, int8); older exports are fp32
     stability: dict = field(default_factory=dict)  # the training run's stability report
+    init_from: dict = field(default_factory=dict)  # initial weights' {"file", "sha256", "source"}; {}: from scratch
     # Every other keel.* key (model_args, opset, exporter, variant, input, ...), as the strings stored:
     # provenance that consumers do not interpret, carried unchanged.
     extra: dict[str, str] = field(default_factory=dict)
@@ -60,7 +61,8 @@ class ModelInfo:
             "name": self.name, "version": self.version, "precision": self.precision, "arch": self.arch,
             "labels": json.dumps(list(self.labels)), "preprocessing": self.preprocessing.to_json(),
             "metrics": json.dumps(self.metrics), "stability": json.dumps(self.stability),
-            "checkpoint_sha256": self.checkpoint_sha256, "exported_at": self.exported_at, **self.extra,
+            "checkpoint_sha256": self.checkpoint_sha256, "exported_at": self.exported_at,
+            **({"init_from": json.dumps(self.init_from)} if self.init_from else {}), **self.extra,
         }
         return {METADATA_PREFIX + key: value for key, value in values.items()}
 
@@ -78,7 +80,7 @@ class ModelInfo:
             preprocessing=PreprocessSpec.from_json(props["preprocessing"]),
             checkpoint_sha256=props.get("checkpoint_sha256", ""), exported_at=props.get("exported_at", ""),
             metrics=json.loads(props.get("metrics", "{}")), precision=props.get("precision", "fp32"),
-            stability=json.loads(props.get("stability", "{}")),
+            stability=json.loads(props.get("stability", "{}")), init_from=json.loads(props.get("init_from", "{}")),
             extra={key: value for key, value in props.items() if key not in typed},
         )
 
@@ -89,7 +91,7 @@ class ModelInfo:
             "input_size": [self.preprocessing.crop, self.preprocessing.crop],
             "preprocessing": self.preprocessing.to_dict(), "checkpoint_sha256": self.checkpoint_sha256,
             "exported_at": self.exported_at, "metrics": self.metrics, "precision": self.precision,
-            "stability": self.stability,
+            "stability": self.stability, "init_from": self.init_from,
         }
 
 

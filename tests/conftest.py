@@ -198,3 +198,19 @@ def second_model(shapes_data, tmp_path_factory) -> Path:
     folder = _cached(tmp_path_factory, "second-model", ["training/**/*.py", "service/preprocessing.py", "export/*.py"],
                      repr(SECOND_TRAINING), make)
     return folder / "inception.onnx"
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> Path:
+    """A real Keel run of a few seconds (alexnet_bn, width 0.125, one epoch on 8 shapes per class): a
+    checkpoint to start from, not a good one; nothing here needs it to be good."""
+    from training.config import TrainConfig
+    from training.shapes import ShapesConfig, generate_dataset
+    from training.train import train
+
+    folder = tmp_path_factory.mktemp("small-run")
+    data = generate_dataset(folder / "data", ShapesConfig(size=64, train_per_class=8, val_per_class=2,
+                                                          test_per_class=0), progress=False)
+    train(TrainConfig(data=str(data), out=str(folder / "run"), arch="alexnet_bn", width=0.125, image_size=64,
+                      resize=64, epochs=1, batch_size=16, workers=0, seed=0, layer_norms_every=0))
+    return folder / "run"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pickle
@@ -222,3 +223,27 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(tmp_path):
     assert [record["epoch"] for record in log] == [1, 2, 3, 4]
     steps = [json.loads(line)["step"] for line in (interrupted / "steps.jsonl").read_text().splitlines()]
     assert steps == list(range(1, log[-1]["step"] + 1))  # the killed epoch's steps are not counted twice
+
+
+def test_rng_state_is_per_device_kind_and_a_cross_device_resume_says_it_will_not_repeat(tmp_path, capsys):
+    """A CPU run's checkpoint has no CUDA generator state (a CUDA run's has `rng["cuda"]`, its device's,
+    restored on resume: dropout on the GPU draws from it); resuming a CUDA checkpoint on the CPU works,
+    but says the run will not repeat bit for bit."""
+    from training.config import TrainConfig
+    from training.shapes import ShapesConfig, generate_dataset
+    from training.train import train
+
+    data = generate_dataset(tmp_path / "data", ShapesConfig(size=64, train_per_class=4, val_per_class=1,
+                                                            test_per_class=0), progress=False)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "run"), width=0.125, image_size=64, resize=64, epochs=1,
+                         batch_size=8, workers=0, device="cpu")
+    train(config)
+    last = tmp_path / "run" / "last.pt"
+    checkpoint = load_checkpoint(last)
+    assert set(checkpoint["rng"]) == {"torch", "loader"}
+    checkpoint["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # as a CUDA run would have written it
+    save_checkpoint(last, checkpoint)
+    capsys.readouterr()
+    train(dataclasses.replace(config, epochs=2, resume=str(last)))
+    assert "was trained on another kind of device; the run will not repeat bit for bit" in capsys.readouterr().err
+    assert load_checkpoint(last)["epoch"] == 2

@@ -17,11 +17,22 @@ RECIPES = REPO / "training" / "recipes"
 
 
 def test_there_is_one_valid_recipe_per_architecture():
-    assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted(MODELS)
+    assert sorted(p.stem for p in RECIPES.glob("*.yaml") if not p.stem.startswith("finetune_")) == sorted(MODELS)
     for path in RECIPES.glob("*.yaml"):
         recipe = load_recipe(path)
-        assert recipe["arch"] == path.stem
+        assert recipe["arch"] == path.stem.removeprefix("finetune_")
         TrainConfig(data="d", out="o", **recipe)  # every value passes the config's own checks
+
+
+def test_fine_tuning_recipes_leave_the_preprocessing_to_the_weights():
+    """One per architecture torchvision has weights for; sizes and mean/std come from --init-from's file."""
+    from training.pretrained import TORCHVISION_ARCHS
+
+    finetune = {p.stem.removeprefix("finetune_"): load_recipe(p) for p in RECIPES.glob("finetune_*.yaml")}
+    assert sorted(finetune) == sorted(TORCHVISION_ARCHS.values())
+    for arch, recipe in finetune.items():
+        assert not {"image_size", "resize", "mean", "std", "init_from"} & set(recipe), arch
+        assert recipe["width"] == 1.0 and recipe["head_lr_scale"] > 1, arch
 
 
 def test_flags_override_the_recipe():

@@ -65,8 +65,17 @@ def load_checkpoint(path: str | Path) -> dict:
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}") from None
+    return check_checkpoint(checkpoint, path)
+
+
+def check_checkpoint(checkpoint, path: str | Path) -> dict:
+    """`checkpoint` (a loaded file) if it is a Keel checkpoint, else CheckpointError naming `path`."""
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a Keel checkpoint (expected format {FORMAT!r})")
+        plain = isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor)
+                                                                    for v in checkpoint.values())
+        raise CheckpointError(f"{path}: not a Keel checkpoint (expected format {FORMAT!r})"
+                              + ("; a torchvision state dict becomes one with `python -m training.convert`"
+                                 if plain else ""))
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path}: Keel checkpoint is missing {', '.join(missing)}")

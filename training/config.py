@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from training.clipping import CLIP_MODES
 from training.precision import PRECISIONS
 
+DEFAULT_IMAGE_SIZE = 224  # image_size when neither the config nor the initial weights name one
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -14,9 +16,9 @@ class TrainConfig:
     out: str  # run directory: checkpoints, metrics.jsonl, config.json, plots
     arch: str = "alexnet_bn"  # a name from training.models.MODELS
     width: float = 1.0  # channel multiplier; 1.0 is the published architecture
-    image_size: int = 224  # model input side (the centre crop)
-    resize: int = 0  # shorter side before the crop; 0 means image_size / 0.875, as for ImageNet
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet RGB statistics
+    image_size: int = 0  # model input side (the centre crop); 0: the initial weights' (Inception-v3: 299), else 224
+    resize: int = 0  # shorter side before the crop; 0: the initial weights', else image_size / 0.875 as for ImageNet
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet RGB statistics, or the initial weights'
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # divides each channel after the mean
     epochs: int = 30  # passes over the training split
     batch_size: int = 64  # images per optimizer step
@@ -48,6 +50,9 @@ class TrainConfig:
     deterministic: bool = False  # CUDA: deterministic kernels, no cuDNN autotuning (bit-identical reruns, slower)
     guard: bool = True  # skip non-finite steps, roll back divergence; off only to watch a run explode (training.study)
     resume: str = ""  # a run's last.pt: go on from it (same data, arch and schedule) to `epochs`
+    init_from: str = ""  # initial weights: a torchvision state dict or a Keel checkpoint of this arch (see README)
+    trainable_from: str = ""  # freeze every layer before this one (e.g. inception4e, features.conv4, fc); "": none
+    head_lr_scale: float = 1.0  # learning-rate multiplier for the classifier layers (e.g. 10 for a new head)
     model_args: dict = field(default_factory=dict)  # extra builder arguments, e.g. {"aux_logits": True}
 
     def __post_init__(self):
@@ -65,12 +70,16 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.channels_last not in ("auto", "on", "off"):
             raise ValueError(f"channels_last must be 'auto', 'on' or 'off', not {self.channels_last!r}")
+        if self.image_size < 0 or self.resize < 0:
+            raise ValueError("image_size and resize must not be negative (0: automatic)")
+        if not self.head_lr_scale > 0:
+            raise ValueError(f"head_lr_scale must be positive, not {self.head_lr_scale}")
         if self.resize and self.resize < self.image_size:
             raise ValueError(f"resize ({self.resize}) must be at least image_size ({self.image_size})")
 
     @property
     def resize_to(self) -> int:
-        return self.resize or round(self.image_size / 0.875)
+        return self.resize or round((self.image_size or DEFAULT_IMAGE_SIZE) / 0.875)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -30,9 +30,11 @@ from training.clipping import clip_gradients_
 from training.config import TrainConfig
 from training.data import ImageFolder, find_classes
 from training.evaluation import evaluate, plot_confusion
+from training.finetune import freeze_below, parameter_groups
 from training.models import build_model
 from training.monitor import StepLog, layer_grad_norms, plot_steps
 from training.precision import Precision, resolve_channels_last, resolve_precision
+from training.pretrained import initialise, layout_of, read_weights, resolve_preprocessing
 from training.stability import DivergenceMonitor, TrainingDiverged, passes_gate, stability_report
 
 
@@ -67,6 +69,9 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
     out = Path(config.out)
     if lead:
         out.mkdir(parents=True, exist_ok=True)
+    # Initial weights bring the preprocessing they were trained with (sizes and mean/std the config leaves open).
+    weights = read_weights(config.init_from, config.arch) if config.init_from else None
+    config = resolve_preprocessing(config, weights, log)
 
     data = Path(config.data)
     classes = find_classes(data / "train")
@@ -81,7 +86,16 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
     val_loader = make_loader(ImageFolder(data / "val", classes, spec, False), config, False, pin=device.type == "cuda")
 
     model_args = {"num_classes": len(classes), "width": config.width, **config.model_args}
-    model = build_model(config.arch, **model_args).to(device)
+    model = build_model(config.arch, **model_args)
+    init_from = None
+    if weights is not None and not config.resume:  # (a resumed run's weights come from its checkpoint)
+        init_report = initialise(model, weights, classes)
+        init_from = init_report.record()
+        for line in init_report.lines():
+            log(line)
+    if config.trainable_from:
+        log(freeze_below(model, config.trainable_from, layout_of(config.arch)).line())
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
@@ -103,11 +117,21 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
         if state.get("world_size", 1) != world:
             raise ValueError(f"{config.resume}: was trained by {state.get('world_size', 1)} processes, not {world}: "
                              f"resume with the same number so that the data order goes on as it was")
+        init_from = state.get("init_from")
+        if weights is not None and (init_from or {}).get("sha256") != weights.sha256:
+            raise ValueError(f"{config.resume}: was not initialised from {config.init_from} (or that file changed)")
+        if PreprocessSpec.from_dict(state["preprocessing"]) != spec:  # e.g. sizes that came with --init-from
+            raise ValueError(f"{config.resume}: was trained with preprocessing {state['preprocessing']}, not "
+                             f"{spec.to_dict()}: resume with the command that started the run")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         precision.load_state_dict(state.get("scaler", {}))
         rng = state["rng_ranks"][rank] if world > 1 else state["rng"]
         torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        elif ("cuda" in rng) != (device.type == "cuda"):
+            log(f"note: {config.resume} was trained on another kind of device; the run will not repeat bit for bit")
         train_loader.generator.set_state(rng["loader"])
         step, skipped, best_acc, first_epoch = (state["step"], state["skipped_steps"], state["best_val_acc"],
                                                 state["epoch"] + 1)
@@ -188,6 +212,8 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
             trainer.good_state = snapshot(module, optimizer)
         # Everything an interrupted run needs to go on exactly as if it had not stopped.
         rng = {"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state()}
+        if device.type == "cuda":  # dropout on the GPU draws from the device's generator. This process's device
+            rng["cuda"] = torch.cuda.get_rng_state(device)  # only: _all() would wake every GPU in every process
         rng_ranks = dist_env.gather(rng)
         if not lead:
             continue
@@ -196,6 +222,7 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
         payload = checkpoint_payload(
             module, arch=config.arch, model_args=model_args, labels=classes, preprocessing=spec.to_dict(),
             config=config.to_dict(), metrics=record, stability=report, epoch=epoch, optimizer=optimizer.state_dict(),
+            **({"init_from": init_from} if init_from else {}),
         )
         if val["acc"] > best_acc and passes_gate(report):
             best_acc = val["acc"]
@@ -259,7 +286,7 @@ class Trainer:
         """One step at learning rate `lr`; returns the loss when the step was applied, else None."""
         config, precision, optimizer = self.config, self.precision, self.optimizer
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # the classifier's multiplier (--head-lr-scale)
         self.step += 1
         step = self.step
         # The forward pass updates batch-norm running statistics; keep the old ones so that a
@@ -437,10 +464,8 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, s
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    # Weight decay on BN scales/shifts and biases only shrinks them toward a worse fit: exclude them.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # trainable parameters only; weight decay on weights of rank > 1; the classifier's lr_scale (training/finetune.py)
+    groups = parameter_groups(model, layout_of(config.arch), config.weight_decay, config.head_lr_scale)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
