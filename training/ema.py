@@ -32,10 +32,12 @@ class ModelEma:
         """Fold the model's current weights into the average (after an optimizer step)."""
         decay = self.current_decay()
         self.updates += 1
-        for average, current in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
-            if average.is_floating_point():
-                average.lerp_(current, 1.0 - decay)  # at weight 1 lerp returns `current` exactly
-            else:
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values(), strict=True))
+        floats = [(average, current) for average, current in pairs if average.is_floating_point()]
+        # one fused call over every tensor (as timm's ModelEmaV3); at weight 1 lerp returns `current` exactly
+        torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - decay)
+        for average, current in pairs:
+            if not average.is_floating_point():
                 average.copy_(current)
 
     def state_dict(self) -> dict:
