@@ -41,8 +41,9 @@ def test_test_split_report_is_consistent(trained_run):
 
 def test_run_directory_holds_everything(trained_run):
     for name in ("best.pt", "last.pt", "config.json", "metrics.jsonl", "summary.json", "training.png",
-                 "confusion_test.png", "steps.jsonl", "steps.png"):
+                 "confusion_test.png", "steps.jsonl", "steps.png", "skipped.jsonl"):
         assert (trained_run / name).is_file(), name
+    assert (trained_run / "skipped.jsonl").read_text() == ""  # every shapes image reads
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))
     assert all(math.isfinite(r["train_loss"]) and 0 <= r["clip_rate"] <= 1 for r in records)
@@ -77,9 +78,13 @@ def test_checkpoint_is_self_describing(trained_run, shapes_data):
 
 
 def test_best_checkpoint_has_the_best_validation_accuracy(trained_run):
+    """Of the model's weights and (with EMA) their average, best.pt holds whichever validated best."""
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
-    assert load_checkpoint(trained_run / "best.pt")["metrics"]["val_acc"] == max(r["val_acc"] for r in records)
+    best = load_checkpoint(trained_run / "best.pt")
+    selected = best["metrics"]["ema_val_acc" if best["weights"] == "ema" else "val_acc"]
+    assert selected == max(max(r["val_acc"], r.get("ema_val_acc", 0.0)) for r in records)
     assert load_checkpoint(trained_run / "last.pt")["epoch"] == len(records)
+    assert load_checkpoint(trained_run / "last.pt")["weights"] == "model"
 
 
 @pytest.mark.parametrize("content, message", [

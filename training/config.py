@@ -44,7 +44,7 @@ class TrainConfig:
     color_jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue
     auto_augment: str = ""  # "ta_wide" (TrivialAugmentWide), "ra" (RandAugment) or "" (none)
     ra_num_ops: int = 2  # RandAugment: ops per image
-    ra_magnitude: int = 9  # RandAugment: magnitude bin, 0-30 (0: every op is the identity)
+    ra_magnitude: int = 9  # RandAugment: magnitude bin, 0-30 (at 0 every op that has a magnitude is the identity)
     random_erase: float = 0.0  # probability of erasing a random box of each training image (to the mean colour)
     mixup_alpha: float = 0.0  # mixup: Beta(alpha, alpha) blend of image pairs and their labels; 0 turns it off
     cutmix_alpha: float = 0.0  # cutmix: a box pasted from another image; with mixup too, each batch picks one
