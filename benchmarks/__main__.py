@@ -33,7 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # In the order they run and appear; a module that does not exist (yet) is skipped.
-MODULES = ("limit", "service_load", "replicas", "batch_job", "export_variants", "train_overhead")
+MODULES = ("limit", "service_load", "replicas", "batch_job", "export_variants", "train_overhead", "data_loading",
+           "quickstart")
 TAKES_MODEL = ("limit", "service_load", "replicas")
 # The quick-start architecture (Makefile TRAIN_ARGS) for one epoch: the same graph, so the same speed.
 BENCH_TRAINING = ["--arch", "alexnet_bn", "--image-size", "64", "--resize", "64", "--width", "0.25",

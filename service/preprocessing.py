@@ -83,7 +83,8 @@ _FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.B
 DRAFT_FACTOR = 2  # reduced JPEG decode keeps the shorter side at least this many times the resize target
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: int | None = None) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: int | None = None, *,
+                 draft_area: int | None = None) -> Image.Image:
     """Decode any image Pillow reads into an upright RGB image, or raise ImageDecodeError.
 
     EXIF orientation is applied, only the first frame of an animation is used, transparency is
@@ -91,7 +92,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: in
     `draft_to` (the resize target) lets a large JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT
     itself, keeping its shorter side >= DRAFT_FACTOR x draft_to: several times faster, and within
     the tolerance tests/test_preprocessing.py states of a full decode (None: full decode, as
-    training's evaluation transform does).
+    training's evaluation transform does). `draft_area` instead keeps at least that many pixels:
+    training's random crops, whose smallest must still be cut at full resolution (training/augment.py).
     """
     if not data:
         raise ImageDecodeError("empty upload: no image bytes received")
@@ -107,10 +109,14 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_to: in
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Truncated File Read" / corrupt EXIF warnings
+            scale = None  # the least the image may shrink to, per side; draft() halves at least
             if draft_to and image.format == "JPEG" and min(width, height) >= 2 * DRAFT_FACTOR * draft_to:
+                scale = DRAFT_FACTOR * draft_to / min(width, height)
+            elif draft_area and image.format == "JPEG" and width * height >= 4 * draft_area:
+                scale = math.sqrt(draft_area / (width * height))
+            if scale:
                 # draft() picks the smallest DCT scale whose size is still >= the one asked for;
                 # same mode, so colour conversion stays where to_rgb does it
-                scale = DRAFT_FACTOR * draft_to / min(width, height)
                 image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
             image.seek(0)
             image.load()

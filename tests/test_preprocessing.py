@@ -132,12 +132,14 @@ def test_first_frame_of_an_animation_is_used():
 
 def test_training_evaluation_transform_is_the_service_transform(shapes_data):
     """The model is evaluated on exactly the tensors the service and batch job will feed it."""
-    from training.data import ImageFolder, find_classes
+    from training.data import ImageFolder, collate, find_classes, normalize_batch, pixel_table
 
     classes = find_classes(shapes_data / "test")
-    dataset = ImageFolder(shapes_data / "test", classes, SPEC, train=False)
-    for index in (0, len(dataset) // 2, len(dataset) - 1):
-        tensor, _ = dataset[index]
+    dataset = ImageFolder(shapes_data / "test", classes, SPEC)
+    indices = (0, len(dataset) // 2, len(dataset) - 1)
+    pixels, _, _ = collate([dataset[index] for index in indices])  # uint8, as the loader's workers hand it over
+    tensors = normalize_batch(pixels, pixel_table(SPEC))  # as the training process makes it, on the device
+    for tensor, index in zip(tensors, indices):
         path, _ = dataset.samples[index]
         np.testing.assert_array_equal(tensor.numpy(), preprocess_bytes(path.read_bytes(), SPEC))
 

@@ -42,8 +42,9 @@ def test_test_split_report_is_consistent(trained_run):
 
 def test_run_directory_holds_everything(trained_run):
     for name in ("best.pt", "last.pt", "config.json", "metrics.jsonl", "summary.json", "training.png",
-                 "confusion_test.png", "steps.jsonl", "steps.png"):
+                 "confusion_test.png", "steps.jsonl", "steps.png", "skipped.jsonl"):
         assert (trained_run / name).is_file(), name
+    assert (trained_run / "skipped.jsonl").read_text() == ""  # every shapes image reads
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))
     assert all(math.isfinite(r["train_loss"]) and 0 <= r["clip_rate"] <= 1 for r in records)
@@ -78,9 +79,13 @@ def test_checkpoint_is_self_describing(trained_run, shapes_data):
 
 
 def test_best_checkpoint_has_the_best_validation_accuracy(trained_run):
+    """Of the model's weights and (with EMA) their average, best.pt holds whichever validated best."""
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
-    assert load_checkpoint(trained_run / "best.pt")["metrics"]["val_acc"] == max(r["val_acc"] for r in records)
+    best = load_checkpoint(trained_run / "best.pt")
+    selected = best["metrics"]["ema_val_acc" if best["weights"] == "ema" else "val_acc"]
+    assert selected == max(max(r["val_acc"], r.get("ema_val_acc", 0.0)) for r in records)
     assert load_checkpoint(trained_run / "last.pt")["epoch"] == len(records)
+    assert load_checkpoint(trained_run / "last.pt")["weights"] == "model"
 
 
 @pytest.mark.parametrize("content, message", [
@@ -240,10 +245,77 @@ def test_rng_state_is_per_device_kind_and_a_cross_device_resume_says_it_will_not
     train(config)
     last = tmp_path / "run" / "last.pt"
     checkpoint = load_checkpoint(last)
-    assert set(checkpoint["rng"]) == {"torch", "loader"}
+    assert set(checkpoint["rng"]) == {"torch"}
     checkpoint["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # as a CUDA run would have written it
     save_checkpoint(last, checkpoint)
     capsys.readouterr()
     train(dataclasses.replace(config, epochs=2, resume=str(last)))
     assert "was trained on another kind of device; the run will not repeat bit for bit" in capsys.readouterr().err
     assert load_checkpoint(last)["epoch"] == 2
+
+
+def damaged_shapes(root: Path, train_per_class: int = 8) -> Path:
+    """A tiny shapes data set with one unreadable image in train/ (not an image) and one in val/ (truncated)."""
+    from training.shapes import ShapesConfig, generate_dataset
+
+    data = generate_dataset(root, ShapesConfig(size=64, train_per_class=train_per_class, val_per_class=2,
+                                               test_per_class=1), progress=False)
+    (data / "train" / "circle" / "00002.png").write_bytes(b"not an image at all")
+    good = (data / "val" / "star" / "00000.png").read_bytes()
+    (data / "val" / "star" / "00000.png").write_bytes(good[: len(good) // 3])
+    return data
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_augmentation_ema_and_bad_images_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Everything random in training (per-sample augmentation in persistent workers, erasing, mixup/cutmix)
+    and the weight average continue exactly across an interruption; bad images are logged once."""
+    import training.train as train_module
+    from training.config import TrainConfig
+
+    data = damaged_shapes(tmp_path / "data")
+    settings = dict(data=str(data), arch="alexnet_bn", width=0.125, image_size=64, resize=64, epochs=3, batch_size=16,
+                    workers=2, seed=11, min_crop_scale=0.3, color_jitter=(0.3, 0.3, 0.3, 0.05), auto_augment="ta_wide",
+                    random_erase=0.5, mixup_alpha=0.4, cutmix_alpha=1.0, label_smoothing=0.1, ema_decay=0.9)
+    straight = train_module.train(TrainConfig(out=str(tmp_path / "straight"), **settings))
+
+    save = train_module.save_checkpoint
+
+    def save_then_stop(path, payload):
+        save(path, payload)
+        if Path(path).name == "last.pt" and payload["epoch"] == 2:
+            raise KeyboardInterrupt  # as if killed right after epoch 2's checkpoint
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    out = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(TrainConfig(out=str(out), **settings))
+    monkeypatch.undo()
+    resumed = train_module.train(TrainConfig(out=str(out), resume=str(out / "last.pt"), **settings))
+
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(out / "last.pt")
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(b["state_dict"][name], tensor), name
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 15
+    for name, tensor in a["ema"]["state_dict"].items():
+        assert torch.equal(b["ema"]["state_dict"][name], tensor), name
+    assert straight["test_acc"] == resumed["test_acc"] and straight["best_weights"] == resumed["best_weights"]
+    best = load_checkpoint(out / "best.pt")
+    assert best["weights"] == best["metrics"]["weights"] == resumed["best_weights"] in ("model", "ema")
+    selected = best["metrics"]["ema_val_acc" if best["weights"] == "ema" else "val_acc"]
+    assert selected == resumed["best_val_acc"]
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_images"] for r in records] == [2, 2, 2] and all("ema_val_acc" in r for r in records)
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert sorted((r["split"], Path(r["path"]).name) for r in skipped) == [("train", "00002.png"), ("val", "00000.png")]
+    assert resumed["skipped_images"] == straight["skipped_images"] == 2
+
+
+def test_bad_images_fail_stops_the_run_naming_the_file(tmp_path):
+    data = damaged_shapes(tmp_path / "data", train_per_class=2)
+    result = run_python("-m", "training", "--data", str(data), "--out", str(tmp_path / "run"), "--width", "0.125",
+                        "--image-size", "64", "--resize", "64", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                        "--bad-images", "fail")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: {data / 'train' / 'circle' / '00002.png'}: not a recognised image format" in result.stderr

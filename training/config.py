@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from training.augment import ImageAugment
 from training.clipping import CLIP_MODES
 from training.precision import PRECISIONS
 
@@ -41,8 +42,19 @@ class TrainConfig:
     snapshot_every: int = 100  # steps between in-memory copies of the last good state
     aux_weight: float = 0.3  # weight of auxiliary-head losses (Inception with aux heads)
     min_crop_scale: float = 0.5  # random-resized-crop keeps at least this fraction of the area
+    max_crop_scale: float = 1.0  # ... and at most this one (torchvision's RandomResizedCrop scale=(min, max))
+    color_jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue
+    auto_augment: str = ""  # "ta_wide" (TrivialAugmentWide), "ra" (RandAugment) or "" (none)
+    ra_num_ops: int = 2  # RandAugment: ops per image
+    ra_magnitude: int = 9  # RandAugment: magnitude bin, 0-30 (at 0 every op that has a magnitude is the identity)
+    random_erase: float = 0.0  # probability of erasing a random box of each training image (to the mean colour)
+    mixup_alpha: float = 0.0  # mixup: Beta(alpha, alpha) blend of image pairs and their labels; 0 turns it off
+    cutmix_alpha: float = 0.0  # cutmix: a box pasted from another image; with mixup too, each batch picks one
+    ema_decay: float = 0.0  # exponential moving average of the weights, evaluated each epoch; 0 turns it off
+    best_weights: str = "either"  # with ema_decay: best.pt holds the "model", the "ema", or "either" (better val_acc)
+    bad_images: str = "skip"  # an unreadable image: "skip" (logged in skipped.jsonl, run goes on) or "fail"
     layer_norms_every: int = 25  # steps between per-layer gradient norms in steps.jsonl; 0 turns them off
-    workers: int = 2  # data-loading processes; 0 loads in the training process
+    workers: int = -1  # data-loading processes; -1: one per CPU the process may use; 0: in the training process
     seed: int = 0  # initialisation, data order and augmentation
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda"; under torchrun each process uses cuda:LOCAL_RANK
     precision: str = "auto"  # "auto" (bf16 if supported, else fp16 + loss scaling; fp32 on CPU), "fp32", "bf16", "fp16"
@@ -74,8 +86,23 @@ class TrainConfig:
             raise ValueError("image_size and resize must not be negative (0: automatic)")
         if not self.head_lr_scale > 0:
             raise ValueError(f"head_lr_scale must be positive, not {self.head_lr_scale}")
+        self.image_augment()  # checks the crop scales, auto_augment, ra_magnitude and color_jitter
+        if not 0 <= self.random_erase <= 1 or self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ValueError("random_erase must be a probability and mixup_alpha, cutmix_alpha non-negative")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), not {self.ema_decay}")
+        if self.best_weights not in ("model", "ema", "either"):
+            raise ValueError(f"best_weights must be 'model', 'ema' or 'either', not {self.best_weights!r}")
+        if self.bad_images not in ("skip", "fail"):
+            raise ValueError(f"bad_images must be 'skip' or 'fail', not {self.bad_images!r}")
         if self.resize and self.resize < self.image_size:
             raise ValueError(f"resize ({self.resize}) must be at least image_size ({self.image_size})")
+
+    def image_augment(self) -> ImageAugment:
+        """The per-image training transform these fields describe (training/augment.py)."""
+        return ImageAugment(crop=self.image_size, scale=(self.min_crop_scale, self.max_crop_scale),
+                            color_jitter=self.color_jitter, auto_augment=self.auto_augment,
+                            ra_num_ops=self.ra_num_ops, ra_magnitude=self.ra_magnitude)
 
     @property
     def resize_to(self) -> int:

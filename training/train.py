@@ -4,9 +4,12 @@ Each step (`Trainer.train_step`): forward under autocast, loss, backward, unscal
 clipping (global norm by default), a non-finite guard, the divergence check, optimizer step.
 Under `torchrun` every process runs the same loop on its share of each epoch (DDP); only the
 first one writes files.
-Each epoch: validation, `last.pt` always, `best.pt` when validation accuracy improves, one line
-of `metrics.jsonl`. At the end, when the data has a test split: the best checkpoint's top-1,
-top-5 and per-class accuracy and a confusion-matrix plot; and a plot of the curves.
+Each batch: uint8 images from the loader's workers, normalised on the device, then random erasing
+and mixup/cutmix (training/augment.py) when the config asks for them.
+Each epoch: validation (of the weights' moving average too, with --ema-decay), `last.pt` always,
+`best.pt` when validation accuracy improves, one line of `metrics.jsonl`. At the end, when the
+data has a test split: the best checkpoint's top-1, top-5 and per-class accuracy and a
+confusion-matrix plot; and a plot of the curves.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from torch import nn
 
 from service.preprocessing import PreprocessSpec, find_images
 from service.progress import Progress
+from training.augment import BatchAugment
 from training.checkpoint import checkpoint_payload, load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.clipping import clip_gradients_
 from training.config import TrainConfig
-from training.data import ImageFolder, find_classes
+from training.data import DeviceBatches, EpochSampler, ImageFolder, UnreadableImages, find_classes, make_loader
+from training.ema import ModelEma
 from training.evaluation import evaluate, plot_confusion
 from training.finetune import freeze_below, parameter_groups
 from training.models import build_model
@@ -76,14 +81,20 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
     data = Path(config.data)
     classes = find_classes(data / "train")
     spec = PreprocessSpec(resize=config.resize_to, crop=config.image_size, mean=config.mean, std=config.std)
-    train_set = ImageFolder(data / "train", classes, spec, True, config.min_crop_scale)
-    # Each process reads its own 1/world of every epoch's permutation (the same permutation in all
-    # of them: DistributedSampler seeds it with seed + epoch); batch_size is per process.
-    sampler = (torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=config.seed,
-                                                   drop_last=True)
-               if world > 1 else None)
-    train_loader = make_loader(train_set, config, True, sampler=sampler, rank=rank, pin=device.type == "cuda")
-    val_loader = make_loader(ImageFolder(data / "val", classes, spec, False), config, False, pin=device.type == "cuda")
+    # Workers decode and augment, and hand over uint8 images that are normalised on the device. Each
+    # process reads its own 1/world of every epoch's order (the same order in all of them, seeded by
+    # seed + epoch, as each sample's augmentation is); batch_size is per process. An unreadable image
+    # is replaced in its training batch and left out of evaluation, and logged (or stops the run).
+    unreadable = UnreadableImages(config.bad_images, out / "skipped.jsonl" if lead else None, bool(config.resume))
+    train_set = ImageFolder(data / "train", classes, spec, config.image_augment())
+    sampler = EpochSampler(len(train_set), config.seed, rank, world)
+    pin = device.type == "cuda"
+    train_loader = DeviceBatches(make_loader(train_set, config.batch_size, config.workers, sampler, pin), spec, device,
+                                 unreadable, "train", channels_last)
+    val_loader = DeviceBatches(make_loader(ImageFolder(data / "val", classes, spec), config.batch_size, config.workers,
+                                           pin=pin), spec, device, unreadable, "val", channels_last)
+    batch_augment = BatchAugment(len(classes), config.random_erase, config.mixup_alpha, config.cutmix_alpha,
+                                 seed=f"{config.seed}/{rank}")
 
     model_args = {"num_classes": len(classes), "width": config.width, **config.model_args}
     model = build_model(config.arch, **model_args)
@@ -99,10 +110,12 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
+    ema = ModelEma(model, config.ema_decay) if config.ema_decay else None
     total_steps = config.epochs * len(train_loader)
     warmup_steps = round(config.warmup_epochs * len(train_loader))
     log(f"training {config.arch} (width {config.width}) on {len(train_set)} images, {len(classes)} classes, "
         f"{config.epochs} epochs, device {device}, {precision.name}" + (", channels_last" if channels_last else "")
+        + f", {train_loader.loader.num_workers} loader workers" + (f", EMA {config.ema_decay}" if ema else "")
         + (f", {world} processes ({dist_env.backend}), {config.batch_size} images each per step" if world > 1 else ""))
 
     step, skipped, best_acc, history, first_epoch = 0, 0, -1.0, [], 1
@@ -125,6 +138,10 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
                              f"{spec.to_dict()}: resume with the command that started the run")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
+        if ema:
+            if "ema" not in state:
+                raise ValueError(f"{config.resume}: holds no weight average to resume --ema-decay from")
+            ema.load_state_dict(state["ema"])
         precision.load_state_dict(state.get("scaler", {}))
         rng = state["rng_ranks"][rank] if world > 1 else state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -132,7 +149,6 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
             torch.cuda.set_rng_state(rng["cuda"], device)
         elif ("cuda" in rng) != (device.type == "cuda"):
             log(f"note: {config.resume} was trained on another kind of device; the run will not repeat bit for bit")
-        train_loader.generator.set_state(rng["loader"])
         step, skipped, best_acc, first_epoch = (state["step"], state["skipped_steps"], state["best_val_acc"],
                                                 state["epoch"] + 1)
         rollbacks, lr_scale = state["rollbacks"], state["lr_scale"]
@@ -151,7 +167,7 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
         kept_steps = [r for r in read_records(out / "steps.jsonl") if r["step"] <= step] if state else []
         (out / "steps.jsonl").write_text("".join(json.dumps(record) + "\n" for record in kept_steps))
     trainer = Trainer(model, optimizer, config, len(classes), precision, StepLog(out / "steps.jsonl" if lead else None,
-                      config.layer_norms_every), guard=config.guard, world=world)
+                      config.layer_norms_every), guard=config.guard, world=world, ema=ema)
     trainer.step, trainer.skipped, trainer.rollbacks, trainer.lr_scale = step, skipped, rollbacks, lr_scale
     applied_steps = [r for r in kept_steps if not r["skipped"] and "rollback" not in r]
     trainer.grad_norms, trainer.total_clipped = ([r["grad_norm"] for r in applied_steps],
@@ -161,18 +177,15 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
 
     for epoch in range(first_epoch, config.epochs + 1):
         model.train()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        train_loader.set_epoch(epoch)  # this epoch's order and augmentation
         started, loss_sum, seen = time.perf_counter(), 0.0, 0
         epoch_norms_from, clipped_before = len(trainer.grad_norms), trainer.total_clipped
         progress = (Progress(len(train_loader), f"epoch {epoch}/{config.epochs}", unit="steps", log_lines=0)
                     if lead else None)
-        for images, targets in train_loader:
+        for images, targets in train_loader:  # on the device, normalised
             if progress:
                 progress.update()
-            images = images.to(device, non_blocking=True, memory_format=torch.channels_last if channels_last
-                               else torch.preserve_format)
-            targets = targets.to(device, non_blocking=True)
+            images, targets = batch_augment(images, targets, trainer.step)  # mixup/cutmix: targets become soft
             lr = trainer.lr_scale * learning_rate(trainer.step, total_steps, warmup_steps, config.lr, config.schedule,
                                                   round(config.step_epochs * len(train_loader)), config.step_gamma)
             try:
@@ -190,6 +203,7 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
             for buffer in module.buffers():
                 torch.distributed.broadcast(buffer, 0)
         val = evaluate(module, val_loader, device, classes)
+        ema_val = evaluate(ema.module, val_loader, device, classes) if ema else None
         epoch_norms = grad_norms[epoch_norms_from:]
         record = {
             "epoch": epoch, "step": step, "lr": lr, "train_loss": loss_sum / max(seen, 1),
@@ -197,21 +211,26 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
             "mean_grad_norm": sum(epoch_norms) / max(len(epoch_norms), 1),
             "clip_rate": (trainer.total_clipped - clipped_before) / max(len(epoch_norms), 1),
             "skipped_steps": skipped, "rollbacks": rollbacks, "seconds": round(time.perf_counter() - started, 2),
+            "skipped_images": unreadable.end_epoch(epoch, dist_env.gather),
         }
+        if ema_val:
+            record.update(ema_val_loss=ema_val["loss"], ema_val_acc=ema_val["acc"], ema_val_top5=ema_val["top5"])
         if precision.scaler:
             record.update(overflow_steps=trainer.overflows, loss_scale=precision.scale)
         history.append(record)
         log(f"epoch {epoch}/{config.epochs}  loss {record['train_loss']:.3f}  val_loss {val['loss']:.3f}  "
-            f"val_acc {val['acc']:.3f}  grad_norm {record['mean_grad_norm']:.2f}  clipped {record['clip_rate']:.0%}  "
-            f"{record['seconds']}s")
+            f"val_acc {val['acc']:.3f}" + (f" (ema {ema_val['acc']:.3f})" if ema_val else "")
+            + f"  grad_norm {record['mean_grad_norm']:.2f}  clipped {record['clip_rate']:.0%}  {record['seconds']}s"
+            + (f"  skipped {record['skipped_images']} unreadable images" if record["skipped_images"] else ""))
 
         report = stability_report(grad_norms, trainer.total_clipped, skipped, rollbacks, module)
         if precision.scaler:
             report["overflow_steps"] = trainer.overflows
         if passes_gate(report):
-            trainer.good_state = snapshot(module, optimizer)
-        # Everything an interrupted run needs to go on exactly as if it had not stopped.
-        rng = {"torch": torch.get_rng_state(), "loader": train_loader.generator.get_state()}
+            trainer.good_state = snapshot(module, optimizer, ema)
+        # Everything an interrupted run needs to go on exactly as if it had not stopped (the data order
+        # and augmentation need nothing: they follow from seed and epoch).
+        rng = {"torch": torch.get_rng_state()}
         if device.type == "cuda":  # dropout on the GPU draws from the device's generator. This process's device
             rng["cuda"] = torch.cuda.get_rng_state(device)  # only: _all() would wake every GPU in every process
         rng_ranks = dist_env.gather(rng)
@@ -223,15 +242,22 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
             module, arch=config.arch, model_args=model_args, labels=classes, preprocessing=spec.to_dict(),
             config=config.to_dict(), metrics=record, stability=report, epoch=epoch, optimizer=optimizer.state_dict(),
             **({"init_from": init_from} if init_from else {}),
+            weights="model",
         )
-        if val["acc"] > best_acc and passes_gate(report):
-            best_acc = val["acc"]
-            save_checkpoint(out / "best.pt", payload)
+        # best.pt holds the weights, live or averaged (--best-weights), that validate best; export takes them.
+        candidates = {"model": val["acc"], **({"ema": ema_val["acc"]} if ema_val else {})}
+        chosen = max([w for w in candidates if config.best_weights in (w, "either")] or ["model"], key=candidates.get)
+        if candidates[chosen] > best_acc and passes_gate(report):
+            best_acc = candidates[chosen]
+            best_state = (ema.module if chosen == "ema" else module).state_dict()
+            save_checkpoint(out / "best.pt", {**payload, "weights": chosen, "metrics": {**record, "weights": chosen},
+                                              "state_dict": {k: v.detach().cpu() for k, v in best_state.items()}})
         # the step log reaches the disk first, so it always covers what the checkpoint covers
         trainer.steps_log.flush()
         payload.update(step=step, skipped_steps=skipped, best_val_acc=best_acc, rollbacks=rollbacks,
                        lr_scale=trainer.lr_scale, rng=rng, world_size=world, scaler=precision.state_dict(),
-                       overflow_steps=trainer.overflows, **({"rng_ranks": rng_ranks} if world > 1 else {}))
+                       overflow_steps=trainer.overflows, **({"rng_ranks": rng_ranks} if world > 1 else {}),
+                       **({"ema": ema.state_dict()} if ema else {}))
         save_checkpoint(out / "last.pt", payload)
 
     trainer.steps_log.close()
@@ -239,18 +265,21 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
     digests = dist_env.gather(weights_digest(module))
     if not lead:
         return {}
-    summary = {"best_val_acc": best_acc, "epochs": config.epochs, "stability": report, "precision": precision.name,
-               "channels_last": channels_last, "world_size": world}
+    best_checkpoint = load_checkpoint(out / "best.pt")
+    summary = {"best_val_acc": best_acc, "best_weights": best_checkpoint["weights"], "epochs": config.epochs,
+               "stability": report, "precision": precision.name, "channels_last": channels_last, "world_size": world}
     if world > 1:
         summary["rank_weight_digests"] = digests
     if find_images(data / "test"):  # the best checkpoint, once, on data it never selected on
-        best = model_from_checkpoint(load_checkpoint(out / "best.pt")).to(device)
-        test = evaluate(best, make_loader(ImageFolder(data / "test", classes, spec, False), config, False),
-                        device, classes)
+        best = model_from_checkpoint(best_checkpoint).to(device)
+        test_loader = make_loader(ImageFolder(data / "test", classes, spec), config.batch_size, config.workers)
+        test = evaluate(best, DeviceBatches(test_loader, spec, device, unreadable, "test"), device, classes)
         summary.update(test_acc=test["acc"], test_top5=test["top5"], test_per_class_acc=test["per_class_acc"],
                        test_confusion=test["confusion"])
         plot_confusion(test["confusion"], classes, out / "confusion_test.png",
                        f"{config.arch}: test top-1 {test['acc']:.1%}, top-5 {test['top5']:.1%}")
+        unreadable.end_epoch("test")
+    summary["skipped_images"] = len(unreadable.seen)  # distinct files, every one in skipped.jsonl
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_history(history, out / "training.png")
     plot_steps(out / "steps.jsonl", out / "steps.png",
@@ -271,8 +300,10 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, num_classes: int,
-                 precision: Precision, steps_log: StepLog | None, *, guard: bool = True, world: int = 1):
+                 precision: Precision, steps_log: StepLog | None, *, guard: bool = True, world: int = 1,
+                 ema: ModelEma | None = None):
         self.model, self.optimizer, self.config, self.num_classes = model, optimizer, config, num_classes
+        self.ema = ema  # updated after every applied step
         self.module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         self.precision, self.steps_log, self.guard, self.world = precision, steps_log or StepLog(None, 0), guard, world
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -280,7 +311,7 @@ class Trainer:
                                          num_classes)
         self.step = self.skipped = self.overflows = self.rollbacks = self.total_clipped = 0
         self.lr_scale, self.grad_norms = 1.0, []
-        self.good_state = snapshot(self.module, optimizer) if guard else None
+        self.good_state = snapshot(self.module, optimizer, ema) if guard else None
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor, lr: float, epoch: int = 0) -> float | None:
         """One step at learning rate `lr`; returns the loss when the step was applied, else None."""
@@ -321,6 +352,8 @@ class Trainer:
                 self.steps_log.flush()
                 raise TrainingDiverged(f"training diverged at step {step}: {diverging}, with the guard off")
             precision.step(optimizer)
+            if self.ema:
+                self.ema.update(self.module)
             self.grad_norms.append(grad_norm)
             self.total_clipped += was_clipped
             self.steps_log.write(step=step, epoch=epoch, lr=lr, loss=loss_value, grad_norm=grad_norm,
@@ -360,7 +393,7 @@ class Trainer:
                 raise TrainingDiverged(f"training diverged at step {step} ({diverging}) "
                                        f"after {config.max_rollbacks} rollbacks")
             self.lr_scale *= config.rollback_lr_factor
-            restore(self.module, optimizer, self.good_state)
+            restore(self.module, optimizer, self.good_state, self.ema)
             self.monitor.reset()
             if self.world == 1 or self.steps_log.file:
                 print(f"\n  step {step}: {diverging}: rolled back to the last good state, "
@@ -368,10 +401,12 @@ class Trainer:
         if not finite or diverging:
             return None
         precision.step(optimizer)
+        if self.ema:
+            self.ema.update(self.module)
         self.grad_norms.append(grad_norm)
         self.total_clipped += was_clipped
         if step % config.snapshot_every == 0 and not self.monitor.recent_skips:
-            self.good_state = snapshot(self.module, optimizer)
+            self.good_state = snapshot(self.module, optimizer, self.ema)
         return loss_value
 
 
@@ -423,14 +458,17 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """An in-memory copy of the weights, batch-norm statistics and optimizer state."""
-    return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer, ema: ModelEma | None = None) -> dict:
+    """An in-memory copy of the weights, batch-norm statistics, optimizer state and weight average."""
+    return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "ema": ema.state_dict() if ema else None})
 
 
-def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, ema: ModelEma | None = None) -> None:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))  # the snapshot stays reusable
+    if ema:
+        ema.load_state_dict(state["ema"])
 
 
 def read_records(path: Path) -> list[dict]:
@@ -469,19 +507,6 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
-
-
-def make_loader(dataset, config: TrainConfig, shuffle: bool, sampler=None, rank: int = 0,
-                pin: bool = False) -> torch.utils.data.DataLoader:
-    # Each process augments differently (seed + rank); a single process keeps the plain seed.
-    generator = torch.Generator().manual_seed(config.seed + rank)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-        drop_last=shuffle and len(dataset) > config.batch_size,
-        # Workers are started afresh each epoch, seeded from `generator`, so that a resumed run
-        # augments exactly as an uninterrupted one (persistent workers would carry their RNG on).
-        num_workers=config.workers, generator=generator, pin_memory=pin,
-    )
 
 
 def pick_device(requested: str) -> torch.device:
