@@ -31,7 +31,7 @@ from training.config import TrainConfig
 from training.data import ImageFolder, find_classes
 from training.evaluation import evaluate, plot_confusion
 from training.models import build_model
-from training.monitor import StepLog, layer_grad_norms, plot_steps
+from training.monitor import StepLog, layer_norms, plot_steps
 from training.precision import Precision, resolve_channels_last, resolve_precision
 from training.stability import DivergenceMonitor, TrainingDiverged, passes_gate, stability_report
 
@@ -263,7 +263,7 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
         precision.unscale(optimizer)  # true gradients from here on: what is measured and clipped is real
-        layers = layer_grad_norms(self.module) if self.steps_log.wants_layers(step) else None
+        layers = layer_norms(self.module) if self.steps_log.wants_layers(step) else {}
         norm, clipped = clip_gradients_(self.module, config.clip, config.clip_threshold, self.num_classes)
         values = torch.stack([loss.detach().float(), norm, clipped.float()])
         if self.world > 1:
@@ -289,7 +289,7 @@ class Trainer:
             self.grad_norms.append(grad_norm)
             self.total_clipped += was_clipped
             self.steps_log.write(step=step, epoch=epoch, lr=lr, loss=loss_value, grad_norm=grad_norm,
-                                 clipped=was_clipped, skipped=False, **({"layers": layers} if layers else {}))
+                                 clipped=was_clipped, skipped=False, **layers)
             return loss_value
 
         # fp16 only: a finite loss with non-finite gradients is the loss scale overflowing, which the
@@ -302,7 +302,7 @@ class Trainer:
                       grad_norm=grad_norm if finite else None, clipped=was_clipped, skipped=not finite)
         if overflow:
             record.update(overflow=True, loss_scale=scale)
-        self.steps_log.write(**record, **({"layers": layers} if layers else {}),
+        self.steps_log.write(**record, **layers,
                              **({"rollback": diverging} if diverging else {}))
         # Non-finite guard: a NaN/inf loss or gradient would poison the weights and the momentum
         # buffers for good, so that step is skipped and counted instead.
