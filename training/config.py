@@ -40,6 +40,7 @@ class TrainConfig:
     aux_weight: float = 0.3  # weight of auxiliary-head losses (Inception with aux heads)
     min_crop_scale: float = 0.5  # random-resized-crop keeps at least this fraction of the area
     layer_norms_every: int = 25  # steps between per-layer gradient norms in steps.jsonl; 0 turns them off
+    plots: bool = True  # training.png, steps.png, confusion_test.png at the end; off for sweeps of many runs
     workers: int = 2  # data-loading processes; 0 loads in the training process
     seed: int = 0  # initialisation, data order and augmentation
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda"; under torchrun each process uses cuda:LOCAL_RANK

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,20 +36,29 @@ from training.monitor import StepLog, layer_norms, plot_steps
 from training.precision import Precision, resolve_channels_last, resolve_precision
 from training.stability import DivergenceMonitor, TrainingDiverged, passes_gate, stability_report
 
+# (step about to run, model, images, targets, learning rate) -> the images, targets and learning rate to use
+StepHook = Callable[[int, nn.Module, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, float]]
 
-def train(config: TrainConfig) -> dict:
-    """Train as `config` says; under `torchrun` each process runs this with its share of the data."""
+
+def train(config: TrainConfig, step_hook: StepHook | None = None) -> dict:
+    """Train as `config` says; under `torchrun` each process runs this with its share of the data.
+
+    `step_hook` is for experiments on the loop itself: called before every step with the step number,
+    the model, the batch and the learning rate, it returns the batch and learning rate to train on
+    (the stability study injects faults and measures each update with it: training/study/faults.py).
+    Normal training has none.
+    """
     dist_env = DistEnv.from_environment(config.device)
     finished = False
     try:
-        result = _train(config, dist_env)
+        result = _train(config, dist_env, step_hook)
         finished = True
         return result
     finally:
         dist_env.close(finished)
 
 
-def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
+def _train(config: TrainConfig, dist_env: DistEnv, step_hook: StepHook | None) -> dict:
     torch.manual_seed(config.seed)  # the same initial weights in every process (DDP checks they agree)
     device, rank, world, lead = dist_env.device, dist_env.rank, dist_env.world, dist_env.rank == 0
     log = (lambda message: print(message, file=sys.stderr)) if lead else (lambda message: None)
@@ -143,6 +153,8 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
             targets = targets.to(device, non_blocking=True)
             lr = trainer.lr_scale * learning_rate(trainer.step, total_steps, warmup_steps, config.lr, config.schedule,
                                                   round(config.step_epochs * len(train_loader)), config.step_gamma)
+            if step_hook is not None:
+                images, targets, lr = step_hook(trainer.step + 1, trainer.module, images, targets, lr)
             try:
                 loss_value = trainer.train_step(images, targets, lr, epoch)
             except TrainingDiverged as exc:
@@ -214,12 +226,14 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
                         device, classes)
         summary.update(test_acc=test["acc"], test_top5=test["top5"], test_per_class_acc=test["per_class_acc"],
                        test_confusion=test["confusion"])
-        plot_confusion(test["confusion"], classes, out / "confusion_test.png",
-                       f"{config.arch}: test top-1 {test['acc']:.1%}, top-5 {test['top5']:.1%}")
+        if config.plots:
+            plot_confusion(test["confusion"], classes, out / "confusion_test.png",
+                           f"{config.arch}: test top-1 {test['acc']:.1%}, top-5 {test['top5']:.1%}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_history(history, out / "training.png")
-    plot_steps(out / "steps.jsonl", out / "steps.png",
-               config.clip_threshold if config.clip in ("norm", "value") else None)
+    if config.plots:
+        plot_history(history, out / "training.png")
+        plot_steps(out / "steps.jsonl", out / "steps.png",
+                   config.clip_threshold if config.clip in ("norm", "value") else None)
     log(f"done: best val_acc {best_acc:.3f}"
         + (f", test_acc {summary['test_acc']:.3f}" if "test_acc" in summary else "")
         + f"; checkpoints in {out}")
