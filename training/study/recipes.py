@@ -25,8 +25,15 @@ def run_recipes(data: Path, work: Path, archs: tuple[str, ...] = RECIPE_ARCHS) -
         shutil.rmtree(out, ignore_errors=True)
         print(f"recipe {arch}: {recipe}", file=sys.stderr)
         train(TrainConfig(**{**recipe, "data": str(data), "out": str(out), "device": "cpu"}))
-        results[arch] = recipe_result(arch, out)
+        results[arch] = {**recipe_result(arch, out), "machine": machine_name()}
     return results
+
+
+def machine_name() -> str:
+    from benchmarks.common import machine
+
+    info = machine()
+    return f"{info['cpu_model']}, {info['cpus']} CPUs"
 
 
 def recipe_result(arch: str, run: Path) -> dict:
@@ -47,13 +54,15 @@ def render_recipes(recipes: dict) -> list[str]:
              "Each architecture trained at its recipe (`training/recipes/<arch>.yaml`, CPU, small width) on "
              "the full built-in shapes data set (`python -m training.shapes` defaults), one seed; test split "
              "accuracy of the best checkpoint. Reproduce: `python -m training.study --only-recipes` (or "
-             "`--recipes ARCH ...` for some). Training minutes are wall time on the machine named above, one "
-             "thread per run, while other jobs shared its cores: they show the relative cost, not a speed.", "",
+             "`--recipes ARCH ...` for some). Training minutes are wall time on the machine named in the last "
+             "column, one thread per run, while other jobs shared its cores: they show the relative cost, not a "
+             "speed.", "",
              "| arch | recipe | width | image size | epochs | test top-1 | test top-5 | skipped | rollbacks "
-             "| max grad norm | training minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| max grad norm | training minutes | machine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arch, r in recipes.items():
         lines.append(f"| `{arch}` | [{Path(r['recipe']).name}](../{r['recipe']}) | {r['width']} | "
                      f"{r['image_size']} | {r['epochs']} | {r['test_acc']:.1%} | {r['test_top5']:.1%} | "
-                     f"{r['skipped_steps']} | {r['rollbacks']} | {r['grad_norm_max']:.3g} | {r['minutes']} |")
+                     f"{r['skipped_steps']} | {r['rollbacks']} | {r['grad_norm_max']:.3g} | {r['minutes']} | "
+                     f"{r.get('machine', 'not recorded')} |")
     return [*lines, ""]
