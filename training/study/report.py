@@ -130,8 +130,9 @@ def header(study: dict) -> list[str]:
     if timing.get("quick"):
         lines += ["**These results come from `--quick`, a micro data set that only exercises the machinery: "
                   "the numbers mean nothing.**", ""]
-    lines += [f"The study trained {runs['training']} runs (and {runs['causes']} short runs of the plain CNN) in "
-              f"**{timing['wall_seconds'] / 60:.1f} minutes** of wall time on {machine['cpus']} CPUs "
+    lines += [f"The study trained {runs['training']} runs ({runs['cpu_seconds'] / 60:.0f} CPU-minutes) and "
+              f"{runs['causes']} short runs of the plain CNN in **{timing['wall_seconds'] / 60:.1f} minutes** of wall "
+              f"time on {machine['cpus']} CPUs "
               f"({machine['cpu_model']}), {timing['jobs']} runs at a time on one thread each; the load average "
               f"(1 min) was {timing['load_before'][0]} when it started and {timing['load_after'][0]} when it ended.",
               ""]
@@ -139,15 +140,26 @@ def header(study: dict) -> list[str]:
 
 
 def count_runs(study: dict) -> dict:
-    def count(tree) -> int:
-        if isinstance(tree, list):
-            return len(tree)
-        return sum(count(v) for k, v in tree.items() if k != "chosen") if isinstance(tree, dict) else 0
+    runs = list(all_runs(study))
+    return {"training": len(runs), "cpu_seconds": sum(r["cpu_seconds"] for r in runs),
+            "causes": sum(map(len, study["causes"].values()))}
 
-    training = count(study["remedies"]) + count(study["faults"]) + sum(
-        count(record["runs"]) for part in ("lr", "agc") for record in study["selection"][part].values()) + count(
-        study["selection"]["fault_lr"]["runs"])
-    return {"training": training, "causes": count(study["causes"])}
+
+def all_runs(study: dict):
+    """Every training run in the results, selection runs included."""
+    def walk(tree):
+        if isinstance(tree, list):
+            yield from tree
+        elif isinstance(tree, dict):
+            for value in tree.values():
+                yield from walk(value)
+
+    yield from walk(study["remedies"])
+    yield from walk(study["faults"])
+    for part in ("lr", "agc"):
+        for record in study["selection"][part].values():
+            yield from walk(record["runs"])
+    yield from walk(study["selection"]["fault_lr"]["runs"])
 
 
 def rows(study: dict, arch: str) -> dict[str, dict]:
@@ -185,6 +197,8 @@ def causes_conclusions(study: dict) -> list[str]:
                     for row in group if row["diverged"]]
         stuck = [str(row["value"]) for row in group if not row["diverged"] and row["end_loss"] is not None
                  and row["end_loss"] > 0.95 * math.log(10)]
+        if len(stuck) == len([row for row in group if not row["diverged"]]):
+            stuck = []  # nothing learned in so few steps: the loss says nothing about the factor
         ratios = ", ".join(f"{row['value']}: {num(row['first_over_last'])}" for row in group)
         text = f"**{name.capitalize()}** (table 1): " + (
             f"training diverged at {', '.join(diverged)}" if diverged else "no setting diverged")
@@ -225,7 +239,14 @@ def remedy_conclusions(study: dict) -> list[str]:
         return (f", {row['rollbacks']} rollbacks and {row['skipped']} skipped steps in all (without the guard: "
                 f"{effect(without)})")
 
-    rates = ", ".join(f"{ARCHS[arch]} {lr}" for arch, lr in lrs.items())
+    def rate(arch: str) -> str:
+        record, grid = study["selection"]["lr"][arch], study["config"]["lr_grid"]
+        note = ("; it diverged even at the lowest rate of the grid" if record["chosen"] == min(grid) and
+                record.get("criterion_met") else "; even the highest rate of the grid left most seeds finite"
+                if not record.get("criterion_met") else "")
+        return f"{ARCHS[arch]} {lrs[arch]}{note}"
+
+    rates = ", ".join(rate(arch) for arch in lrs)
     return [
         f"**No remedy**, at the learning rates chosen to make it fail ({rates}): {per_arch('none')}.",
         f"**BN alone**: {per_arch('bn')}.",
@@ -396,8 +417,9 @@ def remedies_section(study: dict) -> list[str]:
         "## 2. Remedies on AlexNet and Inception-v1", "",
         "Each remedy alone and in combination, at a learning rate high enough that the bare network diverges. The "
         f"rate is chosen per architecture: the bare set-up (no BN, no warmup, no clipping, no guard) trained for "
-        f"{c['probe_epochs']} epoch from {c['seeds']} selection seeds at each rate of the grid, from the highest "
-        f"down; the study uses the lowest rate at which at least {c['probe_share']:.0%} of them diverged. AGC's clip "
+        f"{c['probe_epochs']} epoch (its cosine decay compressed into it) from {c['seeds']} selection seeds at each "
+        f"rate of the grid ({', '.join(map(str, c['lr_grid']))}), from the highest down; the study uses the lowest "
+        f"rate at which at least {c['probe_share']:.0%} of them diverged. AGC's clip "
         f"factor is then chosen among {', '.join(map(str, c['agc_grid']))} by mean validation accuracy of "
         f"{c['selection_seeds']} selection seeds at that rate.", "",
         "| architecture | bare set-up's loss at step 1 (median) | bare set-up diverged, selection seeds, by learning "
