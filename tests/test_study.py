@@ -92,8 +92,9 @@ def test_the_quick_study_runs_everything_and_the_guard_catches_its_fault(tmp_pat
     assert all(r["stopped"] and r["steps"] == at and "non-finite" in r["error"] for r in unguarded)
     assert all(r["blowup_step"] == at for r in guarded + unguarded)
     # selection runs never saw the test split; reported runs were evaluated on it once
-    assert all(r["test_acc"] is None for runs in study["selection"]["fault_lr"]["runs"].values() for r in runs)
-    assert all(r["test_acc"] is not None for r in study["faults"]["clean"])
+    assert all(r["test_acc"] is None and r["final_test_acc"] is None and r["final_val_acc"] is not None
+               for runs in study["selection"]["fault_lr"]["runs"].values() for r in runs)
+    assert all(r["test_acc"] is not None and r["final_test_acc"] is not None for r in study["faults"]["clean"])
     # the run directories (kept with --work) have no per-run plots: the study draws its own from the JSON
     assert (work / "runs" / "faults" / "clean" / "s0" / "steps.jsonl").is_file()
     assert not list(work.rglob("steps.png"))

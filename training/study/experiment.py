@@ -152,10 +152,10 @@ def run_study(config: StudyConfig, work: Path, jobs: int, keep: bool = False) ->
 
 
 def best_by_validation(runs: dict[str, list[dict]]) -> float:
-    """The grid value whose runs reached the highest mean best validation accuracy (a diverged run
-    counts as chance, 10%); ties go to the smaller value."""
+    """The grid value whose runs ended with the highest mean validation accuracy (a stopped run counts
+    as chance, 10%); ties go to the smaller value."""
     def score(key: str) -> float:
-        return statistics.mean(r["best_val_acc"] if r["best_val_acc"] is not None else 0.1 for r in runs[key])
+        return statistics.mean(validation_score(r) for r in runs[key])
 
     return float(max(sorted(runs, key=float), key=score))
 
@@ -167,3 +167,8 @@ def sort_by_seed(tree):
     if isinstance(tree, list) and tree and isinstance(tree[0], dict) and "seed" in tree[0]:
         return sorted(tree, key=lambda r: r["seed"])
     return tree
+
+
+def validation_score(run: dict) -> float:
+    """A selection run's final validation accuracy; a run that stopped has no model and scores chance."""
+    return run["final_val_acc"] if run["final_val_acc"] is not None else 0.1

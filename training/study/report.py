@@ -14,6 +14,7 @@ from pathlib import Path
 
 from training.study.causes import FACTORS
 from training.study.design import ARCHS, FAULT_LABELS, REMEDIES
+from training.study.experiment import validation_score
 from training.study.recipes import render_recipes
 
 CHANCE = 0.1  # 10 classes
@@ -37,8 +38,8 @@ def interval(values: list[float]) -> tuple[float, float, float]:
 
 
 def accuracy(run: dict) -> float:
-    """Test accuracy of a reported run; a run that stopped has no model at the end and scores chance."""
-    return run["test_acc"] if run["test_acc"] is not None else CHANCE
+    """Test accuracy of a reported run's final weights; a run that stopped has no model and scores chance."""
+    return run["final_test_acc"] if run["final_test_acc"] is not None else CHANCE
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -52,7 +53,7 @@ def summarize(runs: list[dict]) -> dict:
         "diverged_steps": [r["blowup_step"] for r in runs if r["blowup_step"] is not None],
         "stopped": sum(r["stopped"] for r in runs),
         "gave_up": sum(bool(r["stopped"] and "rollbacks" in (r["error"] or "")) for r in runs),
-        "at_chance": sum(r["test_acc"] is not None and r["test_acc"] < 1.5 * CHANCE for r in finished),
+        "at_chance": sum(accuracy(r) < 1.5 * CHANCE for r in finished),
         "acc": interval([accuracy(r) for r in runs]),
         "clip_rate": statistics.fmean(clip_rates) if clip_rates else None,
         "update": statistics.median(updates) if updates else None,
@@ -314,8 +315,9 @@ def design_section(study: dict) -> list[str]:
         "threshold bounds the step itself, where AdamW rescales every gradient anyway.", "",
         f"**Seeds and statistics.** {c['seeds']} seeds per set-up (0-{c['seeds'] - 1}); a seed fixes the initial "
         "weights, the batch order and the augmentation, so set-ups of one architecture start from the same weights "
-        "and see the same batches. Accuracy is the best checkpoint's (by validation accuracy) on the test split, "
-        "evaluated once per run: mean over seeds with a 95% t-interval. A run **diverged** when its loss or "
+        "and see the same batches. Accuracy is the final weights' on the test split, evaluated once per run "
+        "(Keel also keeps the best checkpoint by validation accuracy, which can predate a blow-up or a fault and "
+        "would hide it): mean over seeds with a 95% t-interval. A run **diverged** when its loss or "
         f"gradient became non-finite or its loss rose above {guard['rollback_loss_factor']:g}x max(running median, "
         "ln 10), the guard's own test (applied after the fact to runs without the guard, which nothing stops: like "
         "torchvision's or timm's loop they train through any finite loss). A run **stopped** when its loss became "
@@ -420,10 +422,10 @@ def remedies_section(study: dict) -> list[str]:
         f"{c['probe_epochs']} epoch (its cosine decay compressed into it) from {c['seeds']} selection seeds at each "
         f"rate of the grid ({', '.join(map(str, c['lr_grid']))}), from the highest down; the study uses the lowest "
         f"rate at which at least {c['probe_share']:.0%} of them diverged. AGC's clip "
-        f"factor is then chosen among {', '.join(map(str, c['agc_grid']))} by mean validation accuracy of "
+        f"factor is then chosen among {', '.join(map(str, c['agc_grid']))} by the mean final validation accuracy of "
         f"{c['selection_seeds']} selection seeds at that rate.", "",
         "| architecture | bare set-up's loss at step 1 (median) | bare set-up diverged, selection seeds, by learning "
-        "rate | learning rate used | AGC factor: mean best validation accuracy | factor used |",
+        "rate | learning rate used | AGC factor: mean final validation accuracy | factor used |",
         "|---|---|---|---|---|---|",
     ]
     for arch in ARCHS:
@@ -432,7 +434,7 @@ def remedies_section(study: dict) -> list[str]:
             continue
         probes = ", ".join(f"{lr}: {share(sum(r['blowup_step'] is not None for r in runs), len(runs))}"
                            for lr, runs in sorted(lr_record["runs"].items(), key=lambda kv: -float(kv[0])))
-        agc = ", ".join(f"{t}: {pct(statistics.fmean(r['best_val_acc'] or CHANCE for r in runs))}"
+        agc = ", ".join(f"{t}: {pct(statistics.fmean(map(validation_score, runs)))}"
                         for t, runs in sorted(agc_record.get("runs", {}).items(), key=lambda kv: float(kv[0])))
         note = "" if lr_record.get("criterion_met", True) else " (the criterion was not met: highest rate)"
         first = median_of([r["first_loss"] for runs in lr_record["runs"].values() for r in runs])
@@ -495,7 +497,7 @@ def faults_section(study: dict) -> list[str]:
     injected = {name: faults[0] for name, faults in study["faults_injected"].items()}
     at = injected["nan_image"]["step"]
     total = c["epochs"] * study["steps_per_epoch"]
-    scores = ", ".join(f"{lr}: {pct(statistics.fmean(r['best_val_acc'] or CHANCE for r in runs))}"
+    scores = ", ".join(f"{lr}: {pct(statistics.fmean(map(validation_score, runs)))}"
                        for lr, runs in sorted(selection["runs"].items(), key=lambda kv: float(kv[0])))
     described = {
         "nan_image": f"the first image of the batch at step {at} is NaN (a decoder that returned garbage)",
@@ -513,7 +515,7 @@ def faults_section(study: dict) -> list[str]:
         f"Faults injected into the recipe's set-up (AlexNet with BN, clipping by global norm at {c['clip_threshold']}, "
         f"a {c['warmup_epochs']:g}-epoch warmup) half-way through its {total} steps, each on the same {c['seeds']} "
         f"seeds with the guard on and off. The learning rate, {selection['chosen']}, was chosen on validation "
-        f"(mean best validation accuracy of {c['selection_seeds']} selection seeds: {scores}). The clean run is the "
+        f"(mean final validation accuracy of {c['selection_seeds']} selection seeds: {scores}). The clean run is the "
         f"same set-up with the guard on and no fault; the guard acted {clean['skipped'] + clean['rollbacks']} times "
         "in it over all seeds. The faults, injected by the study's step hook (training/study/faults.py) into the "
         "real loop:", "",

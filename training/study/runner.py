@@ -56,11 +56,33 @@ def run_training(spec: RunSpec) -> dict:
         except TrainingDiverged as exc:
             error = str(exc).split("; ")[0]
     result = summarize_run(out, summary, error, probe, spec.config)
+    result["final_test_acc"] = final_test_accuracy(spec.config) if error is None else None
     result.update(seconds=round(time.perf_counter() - started, 1),
                   cpu_seconds=round(time.process_time() - cpu_started, 1))
     if not spec.keep:
         shutil.rmtree(out, ignore_errors=True)
     return result
+
+
+def final_test_accuracy(config: TrainConfig) -> float | None:
+    """The final weights' (last.pt) test accuracy, when the data has a test split. Keel's summary
+    scores best.pt, the best checkpoint by validation accuracy, which can predate a blow-up or an
+    injected fault and so hide it; the study judges how a run ended."""
+    import torch
+
+    from service.preprocessing import PreprocessSpec, find_images
+    from training.checkpoint import load_checkpoint, model_from_checkpoint
+    from training.data import ImageFolder
+    from training.evaluation import evaluate
+    from training.train import make_loader
+
+    test = Path(config.data) / "test"
+    if not find_images(test):
+        return None
+    checkpoint = load_checkpoint(Path(config.out) / "last.pt")
+    images = ImageFolder(test, checkpoint["labels"], PreprocessSpec.from_dict(checkpoint["preprocessing"]), False)
+    return evaluate(model_from_checkpoint(checkpoint), make_loader(images, config, False), torch.device("cpu"),
+                    checkpoint["labels"])["acc"]
 
 
 def summarize_run(out: Path, summary: dict, error: str | None, probe: StepProbe, config: TrainConfig) -> dict:
@@ -79,6 +101,7 @@ def summarize_run(out: Path, summary: dict, error: str | None, probe: StepProbe,
         "first_loss": steps[0]["loss"] if steps else None,  # at initialisation: how large the forward pass starts
         "test_acc": summary.get("test_acc"),
         "best_val_acc": summary.get("best_val_acc") if error is None else None,
+        "final_val_acc": metrics[-1]["val_acc"] if metrics and error is None else None,
         "val_acc": [r["val_acc"] for r in metrics],
         "skipped_steps": sum(bool(r["skipped"]) for r in steps),
         "rollbacks": sum("rollback" in r for r in steps),
@@ -203,8 +226,8 @@ def outcome(result: dict) -> str:
     if "setting" in result:  # a causes run
         return f"diverged at step {result['blowup_step']}" if result["blowup_step"] else "finished"
     text = f"stopped at step {result['steps']}" if result["stopped"] else (
-        f"val {result['best_val_acc']:.1%}" + (f", test {result['test_acc']:.1%}" if result["test_acc"] is not None
-                                               else ""))
+        f"final val {result['final_val_acc']:.1%}" + (f", final test {result['final_test_acc']:.1%}"
+                                                       if result["final_test_acc"] is not None else ""))
     extra = [f"{result[k]} {k.replace('_', ' ')}" for k in ("skipped_steps", "rollbacks") if result[k]]
     if result["blowup_step"] and not result["stopped"]:
         extra.insert(0, f"blew up at step {result['blowup_step']}")
