@@ -699,11 +699,14 @@ def faults_figure(study: dict, path: Path) -> None:
     for ax, (name, label) in zip(axes, FAULT_LABELS.items()):
         fault = study["faults_injected"][name][0]
         ax.axvspan(fault["step"], fault["step"] + fault["steps"], color="gold", alpha=0.4, lw=0)
-        for runs, color, text in ((clean, "gray", "clean"), (study["faults"][name]["guard"], "tab:blue", "guard on"),
-                                  (study["faults"][name]["no_guard"], "tab:red", "guard off")):
+        # guard off dashed over guard on: where the guard did nothing the two coincide and both show
+        for runs, color, style, text in ((clean, "gray", "-", "clean"),
+                                         (study["faults"][name]["guard"], "tab:blue", "-", "guard on"),
+                                         (study["faults"][name]["no_guard"], "tab:red", "--", "guard off")):
             for i, r in enumerate(runs):
                 loss = [v if v is not None else float("nan") for v in r["curve"]["loss"]]
-                ax.semilogy(r["curve"]["step"], loss, lw=0.7, color=color, alpha=0.7, label=text if i == 0 else None)
+                ax.semilogy(r["curve"]["step"], loss, lw=0.8, ls=style, color=color, alpha=0.8,
+                            label=text if i == 0 else None)
                 if r["stopped"]:
                     ax.plot(r["steps"], max((v for v in loss if v == v), default=1.0), "x", color=color)
         ax.set_title(label, fontsize=9)
