@@ -405,8 +405,8 @@ def causes_section(study: dict) -> list[str]:
                      f"{num(row['first'])} | {num(row['last'])} | {num(row['classifier'])} | "
                      f"{num(row['first_over_last'])} | {num(row['growth'])} | {diverged_text(row)} | "
                      f"{num(row['end_loss'])} |")
-    lines += ["", "Per factor, each layer's gradient norm at initialisation and the global gradient norm over the "
-              "steps (median over seeds; a line ends where its runs diverged):", ""]
+    lines += ["", "Per factor, each layer's gradient norm at initialisation and a few steps in, and the global "
+              "gradient norm over the steps (medians over seeds; a line ends where its runs stopped):", ""]
     lines += [f"![{FACTORS[factor]}](stability/causes_{factor}.png)" for factor in FACTORS]
     return [*lines, ""]
 
@@ -620,34 +620,44 @@ def write_figures(study: dict, folder: Path) -> None:
 
 
 def causes_figure(study: dict, factor: str, path: Path) -> None:
+    """Per setting: each layer's gradient norm at initialisation and a few steps in, and the global
+    gradient norm over the steps (medians over seeds)."""
     import warnings
 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    later = str(study["config"]["causes"]["record_layers_at"][-1])
+    fig, (first, second, over) = plt.subplots(1, 3, figsize=(14, 3.6))
     for row in [row for row in causes_table_rows(study) if row["factor"] == factor]:
         runs = study["causes"][row["name"]]
-        init = np.array([[v if v is not None else np.nan for v in r["layers_at"]["1"]["grad"]] for r in runs])
         label = f"{row['value']}" + (" (base)" if row["base"] else "") + (
             f", {row['diverged']}/{row['n']} diverged" if row["diverged"] else "")
-        line, = left.semilogy(range(1, init.shape[1] + 1), np.nanmedian(init, axis=0), marker="o", ms=3, label=label)
-        length = max(len(r["grad_norm"]) for r in runs)
-        curves = np.full((len(runs), length), np.nan)
-        for i, r in enumerate(runs):
-            curves[i, :len(r["grad_norm"])] = [v if v is not None else np.nan for v in r["grad_norm"]]
-        with warnings.catch_warnings():  # steps after every run diverged are all NaN: their median is NaN
+        color = None
+        with warnings.catch_warnings():  # a layer or step no run reached has an all-NaN median
             warnings.simplefilter("ignore", RuntimeWarning)
+            for ax, step in ((first, "1"), (second, later)):
+                grads = np.array([[v if v is not None else np.nan for v in r["layers_at"][step]["grad"]]
+                                  for r in runs if step in r["layers_at"]])
+                if len(grads):
+                    line, = ax.semilogy(range(1, grads.shape[1] + 1), np.nanmedian(grads, axis=0), marker="o", ms=3,
+                                        color=color, label=label)
+                    color = line.get_color()
+            length = max(len(r["grad_norm"]) for r in runs)
+            curves = np.full((len(runs), length), np.nan)
+            for i, r in enumerate(runs):
+                curves[i, :len(r["grad_norm"])] = [v if v is not None else np.nan for v in r["grad_norm"]]
             median = np.nanmedian(curves, axis=0)
-        right.semilogy(range(1, length + 1), median, lw=1, color=line.get_color())
+        over.semilogy(range(1, length + 1), median, lw=1, color=color)
         for r in runs:
             if r["blowup_step"]:
-                right.plot(r["blowup_step"], np.nanmax(median[: r["blowup_step"]]), "x", color=line.get_color())
-    left.set_xlabel("layer (1 = first conv; last = classifier)")
-    left.set_ylabel("gradient norm at initialisation")
-    left.legend(fontsize=8, title=FACTORS[factor], title_fontsize=8)
-    right.set_xlabel("step")
-    right.set_ylabel("global gradient norm (x: a run diverged)")
+                over.plot(r["blowup_step"], np.nanmax(median[: r["blowup_step"]]), "x", color=color)
+    for ax, title in ((first, "at initialisation (step 1)"), (second, f"at step {later}")):
+        ax.set_xlabel("layer (1 = first conv; last = classifier)")
+        ax.set_title(f"gradient norm per layer, {title}", fontsize=9)
+    first.legend(fontsize=8, title=FACTORS[factor], title_fontsize=8)
+    over.set_xlabel("step")
+    over.set_title("global gradient norm (x: a run diverged)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
