@@ -73,3 +73,31 @@ def test_config_rejects_unknown_modes_and_bad_thresholds():
         TrainConfig(data="d", out="o", clip="sometimes")
     with pytest.raises(ValueError, match="clip_threshold must be positive"):
         TrainConfig(data="d", out="o", clip="agc", clip_threshold=0)
+
+
+def test_agc_clips_a_vector_by_its_norm_as_the_paper_does():
+    """Brock et al. 2021 (and timm's adaptive_clip_grad): a bias or batch-norm vector is one unit. Its
+    gradient keeps its direction and is scaled to threshold x ||w||, not clamped element by element."""
+    from training.clipping import adaptive_clip_
+
+    bias = nn.Parameter(torch.tensor([1.0, 0.001, -2.0, 0.5]))
+    bias.grad = torch.tensor([0.3, 0.2, -0.1, 0.0])
+    direction = bias.grad / bias.grad.norm()
+    assert adaptive_clip_([bias], 0.01)
+    assert bias.grad.norm().item() == pytest.approx(0.01 * bias.detach().norm().item(), rel=1e-5)
+    assert torch.allclose(bias.grad / bias.grad.norm(), direction)  # element-wise clipping would turn it
+    # a matrix is clipped row by row (one row per output unit), each by its own row's norm
+    weight = nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+    weight.grad = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    adaptive_clip_([weight], 0.1)
+    assert weight.grad[0].norm().item() == pytest.approx(0.5)  # 0.1 x ||(3, 4)||
+    assert weight.grad[1].norm().item() == pytest.approx(0.1 * 1e-3)  # a zero row moves at most threshold x eps
+
+
+def test_agc_leaves_units_under_the_threshold_alone():
+    from training.clipping import adaptive_clip_
+
+    weight = nn.Parameter(torch.ones(3, 4))
+    weight.grad = torch.full((3, 4), 1e-4)
+    assert not adaptive_clip_([weight], 0.01)
+    assert torch.equal(weight.grad, torch.full((3, 4), 1e-4))

@@ -181,6 +181,17 @@ def test_alexnet_bn_has_batch_norm_and_alexnet_has_none():
     assert batch_norms(alexnet_bn(NUM_CLASSES, width=SMALL)) == 5
 
 
+def test_inception_v1_without_batch_norm_is_the_same_network_with_biases():
+    """The stability study's no-BN Inception: every BN gone (aux heads too), every conv has its bias back."""
+    plain = inception_v1_bn(NUM_CLASSES, width=SMALL, aux_logits=True, batch_norm=False)
+    convs = [m for m in plain.modules() if isinstance(m, nn.Conv2d)]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    assert all(conv.bias is not None for conv in convs)
+    with_bn = inception_v1_bn(NUM_CLASSES, width=SMALL, aux_logits=True)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in with_bn.modules()) == len(convs)
+    assert plain.eval()(torch.randn(2, 3, 64, 64)).shape == (2, NUM_CLASSES)
+
+
 def test_conv_bias_only_without_batch_norm():
     assert ConvBNReLU(3, 8, 3, batch_norm=False)[0].bias is not None
     block = ConvBNReLU(3, 8, 3, bn_eps=0.001)

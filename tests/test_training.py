@@ -63,6 +63,8 @@ def test_every_step_is_monitored_with_per_layer_norms_at_the_interval(trained_ru
     # the per-layer norms are the pieces of the global norm measured at the same step
     assert (math.sqrt(sum(v * v for v in layered[0]["layers"].values()))
             == pytest.approx(layered[0]["grad_norm"], rel=1e-4))
+    # and each layer's weight norm beside it, so a blow-up's lead layer is judged by ||g|| / ||w||
+    assert list(layered[0]["layer_weights"]) == layers and all(v > 0 for v in layered[0]["layer_weights"].values())
 
 
 def test_checkpoint_is_self_describing(trained_run, shapes_data):

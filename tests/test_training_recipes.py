@@ -1,4 +1,4 @@
-"""YAML recipes (one per architecture, flags override them) and the explosion study's machinery."""
+"""YAML recipes (one per architecture, flags override them)."""
 
 from __future__ import annotations
 
@@ -96,17 +96,3 @@ def test_inception_v3_trains_from_its_recipe(tmp_path):
     checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
     assert checkpoint["arch"] == "inception_v3" and checkpoint["preprocessing"]["crop"] == 80
     assert checkpoint["model_args"] == {"num_classes": 10, "width": 0.0625, "aux_logits": False, "dropout": 0.0}
-
-
-@pytest.mark.slow  # trains
-def test_the_study_writes_its_table_and_plots(tmp_path):
-    from training.study import main
-
-    assert main(["--quick", "--out", str(tmp_path)]) == 0
-    page = (tmp_path / "stability.md").read_text()
-    rows = [line for line in page.splitlines() if line.startswith("| (")]
-    assert [row.split(" | ")[0] for row in rows] == ["| (a) no BN, no clipping", "| (b) clipping only", "| (c) BN only",
-                                                   "| (d) BN + clipping + guard"]
-    assert "![loss and gradient norm per set-up](stability/study.png)" in page
-    for name in ("study.png", "study.json", *(f"study_{v}_steps.png" for v in "abcd")):
-        assert (tmp_path / "stability" / name).stat().st_size > 0, name

@@ -4,9 +4,12 @@
   et al. 2013). Keeps the update's direction; the default.
 - "value": clamp every gradient element to [-threshold, threshold]. Cheap, but changes direction.
 - "agc": adaptive gradient clipping (Brock et al. 2021, "High-Performance Large-Scale Image
-  Recognition Without Normalization"): per output unit (row of a weight), scale the gradient so
-  that ||g|| / max(||w||, 1e-3) <= threshold (the paper uses 0.01-0.16). Classifier layers
-  (Linear layers with one output per class) are excluded, as in the paper.
+  Recognition Without Normalization"): per unit, scale the gradient so that
+  ||g|| / max(||w||, 1e-3) <= threshold (the paper uses 0.01-0.16). A unit is one output row of a
+  weight matrix or conv kernel; a vector (bias, batch-norm scale and shift) is one unit as a
+  whole, clipped by the vector's norm, as in the paper's code (deepmind-research/nfnets) and
+  timm's `adaptive_clip_grad`. Classifier layers (Linear layers with one output per class) are
+  excluded, as in the paper.
 - "none": measure the norm only.
 """
 
@@ -70,11 +73,17 @@ def adaptive_clip_(parameters: list[nn.Parameter], threshold: float) -> torch.Te
     for p in parameters:
         if p.grad is None:
             continue
-        # one row per output unit: conv N x C x k x k -> N x (C k k); BN/bias vectors are one unit per element
-        units = p.shape[0] if p.ndim > 1 else p.numel()
-        max_norm = p.reshape(units, -1).norm(dim=1).clamp_min(AGC_EPS) * threshold
-        grad_norm = p.grad.reshape(units, -1).norm(dim=1)
+        max_norm = unit_norms(p).clamp_min(AGC_EPS) * threshold
+        grad_norm = unit_norms(p.grad)
         scale = torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp_min(1e-6), torch.ones_like(grad_norm))
         clipped.append((scale < 1).any())
-        p.grad.mul_(scale.reshape(units, *[1] * (p.ndim - 1)) if p.ndim > 1 else scale)
+        p.grad.mul_(scale)
     return torch.stack(clipped).any() if clipped else torch.tensor(False)
+
+
+def unit_norms(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm per unit, shaped to broadcast against `x`: per output row of a matrix or kernel
+    (conv N x C x k x k -> N x 1 x 1 x 1), over the whole tensor for a vector or scalar (0-d)."""
+    if x.ndim <= 1:
+        return torch.linalg.vector_norm(x)
+    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True)

@@ -54,6 +54,7 @@ class TrainConfig:
     best_weights: str = "either"  # with ema_decay: best.pt holds the "model", the "ema", or "either" (better val_acc)
     bad_images: str = "skip"  # an unreadable image: "skip" (logged in skipped.jsonl, run goes on) or "fail"
     layer_norms_every: int = 25  # steps between per-layer gradient norms in steps.jsonl; 0 turns them off
+    plots: bool = True  # training.png, steps.png, confusion_test.png at the end; off for sweeps of many runs
     workers: int = -1  # data-loading processes; -1: one per CPU the process may use; 0: in the training process
     seed: int = 0  # initialisation, data order and augmentation
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda"; under torchrun each process uses cuda:LOCAL_RANK

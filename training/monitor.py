@@ -1,10 +1,11 @@
 """Per-step monitoring: what the loop did at every step, and which layers' gradients grow.
 
 `steps.jsonl` gets one line per step: loss, global gradient norm before clipping, whether the
-step was clipped or skipped, learning rate; every `layer_every` steps also the gradient norm of
-each layer (parameters grouped by module). `plot_steps` turns the file into `steps.png`: loss,
-gradient norm against the clipping threshold, and a heat map of per-layer norms over time, the
-picture that shows an explosion starting in one layer and spreading.
+step was clipped or skipped, learning rate; every `layer_every` steps also the gradient and weight
+norm of each layer (parameters grouped by module). `plot_steps` turns the file into `steps.png`:
+loss, gradient norm against the clipping threshold, and a heat map of each layer's gradient norm
+relative to its weight norm over time, the picture that shows an explosion starting in one layer
+and spreading.
 """
 
 from __future__ import annotations
@@ -18,20 +19,24 @@ from torch import nn
 
 
 @torch.no_grad()
-def layer_grad_norms(model: nn.Module) -> dict[str, float]:
-    """L2 norm of each layer's parameter gradients (weights, biases and its batch norm together),
-    in model order."""
-    squares: dict[str, torch.Tensor] = {}
+def layer_norms(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Each layer's gradient norm ("layers") and weight norm ("layer_weights"), L2 over its parameters
+    (weights, biases and its batch norm together), in model order. Their ratio, the size of the step
+    the gradient asks for relative to the weights, is what says which layer leads a blow-up: a raw
+    norm is large wherever the weights are large."""
+    grads: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor] = {}
     for name, parameter in model.named_parameters():
         if parameter.grad is not None:
             layer = name.rsplit(".", 1)[0]  # "features.conv1.0.weight" -> "features.conv1.0"
             if layer.rsplit(".", 1)[-1].isdigit():  # conv and BN of one ConvBNReLU count as one layer
                 layer = layer.rsplit(".", 1)[0]
-            squares[layer] = squares.get(layer, 0) + parameter.grad.float().pow(2).sum()
-    if not squares:
+            grads[layer] = grads.get(layer, 0) + parameter.grad.float().pow(2).sum()
+            weights[layer] = weights.get(layer, 0) + parameter.float().pow(2).sum()
+    if not grads:
         return {}
-    values = torch.stack(list(squares.values())).sqrt().tolist()  # one host transfer for all layers
-    return dict(zip(squares, values))
+    values = torch.stack([*grads.values(), *weights.values()]).sqrt().tolist()  # one host transfer
+    return {"layers": dict(zip(grads, values[: len(grads)])), "layer_weights": dict(zip(weights, values[len(grads):]))}
 
 
 class StepLog:
@@ -88,7 +93,8 @@ def plot_steps(steps_path: Path, out_path: Path, clip_threshold: float | None) -
     axes[1].legend(loc="upper right", fontsize=8)
     if layered:
         layers = list(defaultdict.fromkeys(name for r in layered for name in r["layers"]))
-        grid = np.array([[r["layers"].get(name, np.nan) for r in layered] for name in layers], dtype=float)
+        grid = np.array([[r["layers"].get(name, np.nan) / max(r.get("layer_weights", {}).get(name, 1.0), 1e-12)
+                          for r in layered] for name in layers], dtype=float)
         with np.errstate(divide="ignore", invalid="ignore"):
             heat = np.log10(grid)
         x = [r["step"] for r in layered]
@@ -100,7 +106,7 @@ def plot_steps(steps_path: Path, out_path: Path, clip_threshold: float | None) -
         axes[2].set_ylabel("layer (input at top)")
         # in an inset, not beside: a colorbar taking room from this panel alone would shift its steps
         # against the panels above
-        fig.colorbar(image, cax=axes[2].inset_axes([1.01, 0, 0.015, 1]), label="log10 grad norm")
+        fig.colorbar(image, cax=axes[2].inset_axes([1.01, 0, 0.015, 1]), label="log10 (grad norm / weight norm)")
     axes[-1].set_xlabel("step")
     # imshow sets the shared x range to the heat map's: a diverged run's last steps, logged without
     # per-layer norms, would fall off the loss and grad-norm panels

@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,25 +38,34 @@ from training.ema import ModelEma
 from training.evaluation import evaluate, plot_confusion
 from training.finetune import freeze_below, parameter_groups
 from training.models import build_model
-from training.monitor import StepLog, layer_grad_norms, plot_steps
+from training.monitor import StepLog, layer_norms, plot_steps
 from training.precision import Precision, resolve_channels_last, resolve_precision
 from training.pretrained import initialise, layout_of, read_weights, resolve_preprocessing
 from training.stability import DivergenceMonitor, TrainingDiverged, passes_gate, stability_report
 
+# (step about to run, model, images, targets, learning rate) -> the images, targets and learning rate to use
+StepHook = Callable[[int, nn.Module, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, float]]
 
-def train(config: TrainConfig) -> dict:
-    """Train as `config` says; under `torchrun` each process runs this with its share of the data."""
+
+def train(config: TrainConfig, step_hook: StepHook | None = None) -> dict:
+    """Train as `config` says; under `torchrun` each process runs this with its share of the data.
+
+    `step_hook` is for experiments on the loop itself: called before every step with the step number,
+    the model, the batch and the learning rate, it returns the batch and learning rate to train on
+    (the stability study injects faults and measures each update with it: training/study/faults.py).
+    Normal training has none.
+    """
     dist_env = DistEnv.from_environment(config.device)
     finished = False
     try:
-        result = _train(config, dist_env)
+        result = _train(config, dist_env, step_hook)
         finished = True
         return result
     finally:
         dist_env.close(finished)
 
 
-def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
+def _train(config: TrainConfig, dist_env: DistEnv, step_hook: StepHook | None) -> dict:
     torch.manual_seed(config.seed)  # the same initial weights in every process (DDP checks they agree)
     device, rank, world, lead = dist_env.device, dist_env.rank, dist_env.world, dist_env.rank == 0
     log = (lambda message: print(message, file=sys.stderr)) if lead else (lambda message: None)
@@ -188,6 +198,8 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
             images, targets = batch_augment(images, targets, trainer.step)  # mixup/cutmix: targets become soft
             lr = trainer.lr_scale * learning_rate(trainer.step, total_steps, warmup_steps, config.lr, config.schedule,
                                                   round(config.step_epochs * len(train_loader)), config.step_gamma)
+            if step_hook is not None:
+                images, targets, lr = step_hook(trainer.step + 1, trainer.module, images, targets, lr)
             try:
                 loss_value = trainer.train_step(images, targets, lr, epoch)
             except TrainingDiverged as exc:
@@ -276,14 +288,16 @@ def _train(config: TrainConfig, dist_env: DistEnv) -> dict:
         test = evaluate(best, DeviceBatches(test_loader, spec, device, unreadable, "test"), device, classes)
         summary.update(test_acc=test["acc"], test_top5=test["top5"], test_per_class_acc=test["per_class_acc"],
                        test_confusion=test["confusion"])
-        plot_confusion(test["confusion"], classes, out / "confusion_test.png",
-                       f"{config.arch}: test top-1 {test['acc']:.1%}, top-5 {test['top5']:.1%}")
+        if config.plots:
+            plot_confusion(test["confusion"], classes, out / "confusion_test.png",
+                           f"{config.arch}: test top-1 {test['acc']:.1%}, top-5 {test['top5']:.1%}")
         unreadable.end_epoch("test")
     summary["skipped_images"] = len(unreadable.seen)  # distinct files, every one in skipped.jsonl
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_history(history, out / "training.png")
-    plot_steps(out / "steps.jsonl", out / "steps.png",
-               config.clip_threshold if config.clip in ("norm", "value") else None)
+    if config.plots:
+        plot_history(history, out / "training.png")
+        plot_steps(out / "steps.jsonl", out / "steps.png",
+                   config.clip_threshold if config.clip in ("norm", "value") else None)
     log(f"done: best val_acc {best_acc:.3f}"
         + (f", test_acc {summary['test_acc']:.3f}" if "test_acc" in summary else "")
         + f"; checkpoints in {out}")
@@ -329,7 +343,7 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
         precision.unscale(optimizer)  # true gradients from here on: what is measured and clipped is real
-        layers = layer_grad_norms(self.module) if self.steps_log.wants_layers(step) else None
+        layers = layer_norms(self.module) if self.steps_log.wants_layers(step) else {}
         norm, clipped = clip_gradients_(self.module, config.clip, config.clip_threshold, self.num_classes)
         values = torch.stack([loss.detach().float(), norm, clipped.float()])
         if self.world > 1:
@@ -357,7 +371,7 @@ class Trainer:
             self.grad_norms.append(grad_norm)
             self.total_clipped += was_clipped
             self.steps_log.write(step=step, epoch=epoch, lr=lr, loss=loss_value, grad_norm=grad_norm,
-                                 clipped=was_clipped, skipped=False, **({"layers": layers} if layers else {}))
+                                 clipped=was_clipped, skipped=False, **layers)
             return loss_value
 
         # fp16 only: a finite loss with non-finite gradients is the loss scale overflowing, which the
@@ -370,7 +384,7 @@ class Trainer:
                       grad_norm=grad_norm if finite else None, clipped=was_clipped, skipped=not finite)
         if overflow:
             record.update(overflow=True, loss_scale=scale)
-        self.steps_log.write(**record, **({"layers": layers} if layers else {}),
+        self.steps_log.write(**record, **layers,
                              **({"rollback": diverging} if diverging else {}))
         # Non-finite guard: a NaN/inf loss or gradient would poison the weights and the momentum
         # buffers for good, so that step is skipped and counted instead.

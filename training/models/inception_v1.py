@@ -15,6 +15,8 @@ Deviations from the paper (all but the last two are torchvision's, kept so that
   * Auxiliary heads (optional, off by default) use an adaptive average pool to 4 x 4 instead of a
     5x5/3 average pool (the same 4 x 4 at 224 px), and their 1x1 conv has batch norm.
   * Weights come from `layers.init_weights` (Kaiming normal), not torchvision's truncated normal.
+  * `batch_norm=False` removes every batch norm (convs get their bias back): the paper's network
+    in that respect, which the stability study (training/study.py) trains as "no BN".
   * `width` scales every channel count, the auxiliary heads' 128 / 1024 included (their FC input
     stays conv channels x 4 x 4); width=1.0 is the published network.
 The auxiliary losses' 0.3 weight is the trainer's business (TrainConfig.aux_weight), not the model's.
@@ -51,17 +53,19 @@ class Inception(nn.Module):
     it differ from the scaled paper total.
     """
 
-    def __init__(self, in_channels, ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj, width: float = 1.0):
+    def __init__(self, in_channels, ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj, width: float = 1.0,
+                 batch_norm: bool = True):
         super().__init__()
         ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj = (
             scaled(c, width) for c in (ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj)
         )
-        self.branch1 = BasicConv(in_channels, ch1x1, 1)
-        self.branch2 = nn.Sequential(BasicConv(in_channels, ch3x3red, 1), BasicConv(ch3x3red, ch3x3, 3, padding=1))
+        conv = partial(BasicConv, batch_norm=batch_norm)
+        self.branch1 = conv(in_channels, ch1x1, 1)
+        self.branch2 = nn.Sequential(conv(in_channels, ch3x3red, 1), conv(ch3x3red, ch3x3, 3, padding=1))
         # The paper's 5x5; torchvision's 3x3 (see the module docstring).
-        self.branch3 = nn.Sequential(BasicConv(in_channels, ch5x5red, 1), BasicConv(ch5x5red, ch5x5, 3, padding=1))
+        self.branch3 = nn.Sequential(conv(in_channels, ch5x5red, 1), conv(ch5x5red, ch5x5, 3, padding=1))
         self.branch4 = nn.Sequential(
-            nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True), BasicConv(in_channels, pool_proj, 1)
+            nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True), conv(in_channels, pool_proj, 1)
         )
         self.out_channels = ch1x1 + ch3x3 + ch5x5 + pool_proj
 
@@ -73,10 +77,11 @@ class Inception(nn.Module):
 class InceptionAux(nn.Module):
     """Auxiliary classifier on an intermediate map; adds gradient signal to the middle of the net."""
 
-    def __init__(self, in_channels: int, num_classes: int, width: float = 1.0, dropout: float = 0.7):
+    def __init__(self, in_channels: int, num_classes: int, width: float = 1.0, dropout: float = 0.7,
+                 batch_norm: bool = True):
         super().__init__()
         conv_channels, hidden = scaled(128, width), scaled(1024, width)
-        self.conv = BasicConv(in_channels, conv_channels, 1)
+        self.conv = BasicConv(in_channels, conv_channels, 1, batch_norm=batch_norm)
         self.fc1 = nn.Linear(conv_channels * 4 * 4, hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
         self.dropout = nn.Dropout(dropout)
@@ -92,38 +97,42 @@ class InceptionAux(nn.Module):
 
 
 class InceptionV1(nn.Module):
-    """GoogLeNet with batch norm. Weights are PyTorch defaults until `init_weights` (`build_model`) runs."""
+    """GoogLeNet with batch norm (unless `batch_norm=False`). Weights are PyTorch defaults until
+    `init_weights` (`build_model`) runs."""
 
-    def __init__(self, num_classes: int = 1000, width: float = 1.0, aux_logits: bool = False, dropout: float = 0.2):
+    def __init__(self, num_classes: int = 1000, width: float = 1.0, aux_logits: bool = False, dropout: float = 0.2,
+                 batch_norm: bool = True):
         super().__init__()
         self.aux_logits = aux_logits
         c64, c192 = scaled(64, width), scaled(192, width)
+        conv = partial(BasicConv, batch_norm=batch_norm)
+        inception = partial(Inception, width=width, batch_norm=batch_norm)
 
-        self.conv1 = BasicConv(3, c64, 7, stride=2, padding=3)
+        self.conv1 = conv(3, c64, 7, stride=2, padding=3)
         self.maxpool1 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
-        self.conv2 = BasicConv(c64, c64, 1)
-        self.conv3 = BasicConv(c64, c192, 3, padding=1)
+        self.conv2 = conv(c64, c64, 1)
+        self.conv3 = conv(c64, c192, 3, padding=1)
         self.maxpool2 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
 
-        self.inception3a = Inception(c192, 64, 96, 128, 16, 32, 32, width)
-        self.inception3b = Inception(self.inception3a.out_channels, 128, 128, 192, 32, 96, 64, width)
+        self.inception3a = inception(c192, 64, 96, 128, 16, 32, 32)
+        self.inception3b = inception(self.inception3a.out_channels, 128, 128, 192, 32, 96, 64)
         self.maxpool3 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
 
-        self.inception4a = Inception(self.inception3b.out_channels, 192, 96, 208, 16, 48, 64, width)
-        self.inception4b = Inception(self.inception4a.out_channels, 160, 112, 224, 24, 64, 64, width)
-        self.inception4c = Inception(self.inception4b.out_channels, 128, 128, 256, 24, 64, 64, width)
-        self.inception4d = Inception(self.inception4c.out_channels, 112, 144, 288, 32, 64, 64, width)
-        self.inception4e = Inception(self.inception4d.out_channels, 256, 160, 320, 32, 128, 128, width)
+        self.inception4a = inception(self.inception3b.out_channels, 192, 96, 208, 16, 48, 64)
+        self.inception4b = inception(self.inception4a.out_channels, 160, 112, 224, 24, 64, 64)
+        self.inception4c = inception(self.inception4b.out_channels, 128, 128, 256, 24, 64, 64)
+        self.inception4d = inception(self.inception4c.out_channels, 112, 144, 288, 32, 64, 64)
+        self.inception4e = inception(self.inception4d.out_channels, 256, 160, 320, 32, 128, 128)
         self.maxpool4 = nn.MaxPool2d(2, stride=2, ceil_mode=True)
 
-        self.inception5a = Inception(self.inception4e.out_channels, 256, 160, 320, 32, 128, 128, width)
-        self.inception5b = Inception(self.inception5a.out_channels, 384, 192, 384, 48, 128, 128, width)
+        self.inception5a = inception(self.inception4e.out_channels, 256, 160, 320, 32, 128, 128)
+        self.inception5b = inception(self.inception5a.out_channels, 384, 192, 384, 48, 128, 128)
 
         # Built only when asked for, so the default model has torchvision's parameter count and an
         # exported graph carries no dead weights.
         if aux_logits:
-            self.aux1 = InceptionAux(self.inception4a.out_channels, num_classes, width)
-            self.aux2 = InceptionAux(self.inception4d.out_channels, num_classes, width)
+            self.aux1 = InceptionAux(self.inception4a.out_channels, num_classes, width, batch_norm=batch_norm)
+            self.aux2 = InceptionAux(self.inception4d.out_channels, num_classes, width, batch_norm=batch_norm)
         else:
             self.aux1 = self.aux2 = None
 
@@ -166,7 +175,9 @@ class InceptionV1(nn.Module):
 
 
 def inception_v1_bn(
-    num_classes: int = 1000, width: float = 1.0, aux_logits: bool = False, dropout: float = 0.2
+    num_classes: int = 1000, width: float = 1.0, aux_logits: bool = False, dropout: float = 0.2, batch_norm: bool = True
 ) -> InceptionV1:
-    """GoogLeNet with batch norm; aux_logits adds the two auxiliary heads (used in training only)."""
-    return InceptionV1(num_classes=num_classes, width=width, aux_logits=aux_logits, dropout=dropout)
+    """GoogLeNet with batch norm; aux_logits adds the two auxiliary heads (used in training only);
+    batch_norm=False leaves batch norm out (the stability study's "no BN" Inception)."""
+    return InceptionV1(num_classes=num_classes, width=width, aux_logits=aux_logits, dropout=dropout,
+                       batch_norm=batch_norm)
