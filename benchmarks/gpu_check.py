@@ -745,13 +745,12 @@ def stage_batch_job(ctx: Context) -> None:
 
 def stage_service(ctx: Context) -> None:
     from benchmarks.limit import LimitConfig, bench_pipeline
-    from benchmarks.service_load import Launched, LoadConfig, measure, multipart
+    from benchmarks.service_load import Launched, LoadConfig, measure
     from service.inference import CUDA
 
     model = need(ctx.model(), "the exported model")
     c = ctx.config
     images = [p.read_bytes() for p in sorted(need(ctx.jpegs, "the JPEGs").iterdir())[:8]]
-    bodies = [multipart(data) for data in images]
     pipeline = bench_pipeline(model, images, LimitConfig(repeats=c.load_repeats + 1, run_seconds=1.0,
                                                          pipeline_images=c.pipeline_images, pipeline_batch=32))
     ctx.results["pipeline"] = pipeline
@@ -782,7 +781,7 @@ def stage_service(ctx: Context) -> None:
             ready_s = time.perf_counter() - started
             with urllib_open(server.url + "/metadata") as response:
                 metadata = json.loads(response.read())
-            rows = measure(server, bodies, load, levels)
+            rows = measure(server, images, load, levels)  # multipart bodies made there
         workers = metadata.get("service", {}).get("workers")
         label += f" ({workers} HTTP worker{'s' if workers != 1 else ''})" if key == "keel" else ""
         ctx.results["servers"][key] = {"label": label, "ready_s": round(ready_s, 1), "levels": rows,

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+import service
 from service.config import ServiceConfig
 from service.inference import (
     CPU,
@@ -558,7 +559,8 @@ def render(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.doctor", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="keel-doctor", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {service.__version__}")
     parser.add_argument("--json", action="store_true", help="print the report as JSON (stdout), nothing else")
     parser.add_argument("--model", help="an .onnx file or BentoML tag to try instead of KEEL_MODEL / KEEL_MODELS")
     parser.add_argument("--device", choices=DEVICES, help="instead of KEEL_DEVICE")

@@ -103,15 +103,16 @@ class PlainCNN(nn.Module):
 def make_data(data: Path, out: Path, config: CausesConfig) -> Path:
     """The training images the causes use, preprocessed once into one tensor file."""
     from service.preprocessing import PreprocessSpec
-    from training.data import ImageFolder, find_classes
+    from training.data import ImageFolder, find_classes, normalize_batch, pixel_table
 
     spec = PreprocessSpec(resize=config.image_size, crop=config.image_size, mean=(0.485, 0.456, 0.406),
                           std=(0.229, 0.224, 0.225))
     classes = find_classes(data / "train")
-    images = ImageFolder(data / "train", classes, spec, train=False)
+    images = ImageFolder(data / "train", classes, spec)  # evaluation mode: resize and centre crop, uint8
     chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:config.train_images].tolist()
-    pairs = [images[i] for i in chosen]
-    torch.save((torch.stack([image for image, _ in pairs]), torch.tensor([label for _, label in pairs])), out)
+    samples = [images[i] for i in chosen]  # (S x S x 3 uint8, label, unreadable files)
+    pixels = normalize_batch(torch.stack([image for image, _, _ in samples]), pixel_table(spec))  # N x 3 x S x S
+    torch.save((pixels, torch.tensor([label for _, label, _ in samples])), out)
     return out
 
 

@@ -72,17 +72,18 @@ def final_test_accuracy(config: TrainConfig) -> float | None:
 
     from service.preprocessing import PreprocessSpec, find_images
     from training.checkpoint import load_checkpoint, model_from_checkpoint
-    from training.data import ImageFolder
+    from training.data import DeviceBatches, ImageFolder, UnreadableImages, make_loader
     from training.evaluation import evaluate
-    from training.train import make_loader
 
     test = Path(config.data) / "test"
     if not find_images(test):
         return None
     checkpoint = load_checkpoint(Path(config.out) / "last.pt")
-    images = ImageFolder(test, checkpoint["labels"], PreprocessSpec.from_dict(checkpoint["preprocessing"]), False)
-    return evaluate(model_from_checkpoint(checkpoint), make_loader(images, config, False), torch.device("cpu"),
-                    checkpoint["labels"])["acc"]
+    spec = PreprocessSpec.from_dict(checkpoint["preprocessing"])
+    device = torch.device("cpu")
+    batches = DeviceBatches(make_loader(ImageFolder(test, checkpoint["labels"], spec), config.batch_size, 0), spec,
+                            device, UnreadableImages("skip", None), "test")
+    return evaluate(model_from_checkpoint(checkpoint), batches, device, checkpoint["labels"])["acc"]
 
 
 def summarize_run(out: Path, summary: dict, error: str | None, probe: StepProbe, config: TrainConfig) -> dict:
