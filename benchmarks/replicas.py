@@ -12,10 +12,12 @@ haproxy share the machine's cores with the replicas, as in benchmarks/service_lo
 1. Scaling, at 1/16/64 clients: one replica on CPU 0; two replicas on CPU 0 and CPU 1; and, for
    reference, one replica with every CPU (scaling up instead of out).
 2. Losing a replica under load (two replicas, the clients keep sending): it is killed (SIGKILL,
-   a crash) or stopped (SIGTERM, a rollout or scale-down: it drains, service/bentoml_internals.py,
-   close_listener_first). Every request is recorded with when it was sent and answered: the failures
-   must all be requests that were in flight when the replica went (haproxy's count of requests in progress on it is read
-   just before), none sent after. A third run kills it again with haproxy also retrying requests
+   a crash) or stopped as a rollout or scale-down stops it (haproxy stops sending it requests, as
+   Kubernetes drops the pod's endpoint during its preStop sleep; PRESTOP_S later SIGTERM, and it answers
+   what it holds: service/bentoml_internals.py, close_listener_first). Every request is recorded
+   with when it was sent and answered: the failures must all be requests that were in flight when
+   the replica went (haproxy's count of requests in progress on it is read just before), none sent
+   after. A third run kills it again with haproxy also retrying requests
    that got no answer at all (`retry-on empty-response`, on /classify only: a classification is
    safe to repeat), which turns those losses into slower answers.
 The timeline plot shows answers and failures per 0.25 s around the loss.
@@ -44,6 +46,12 @@ from benchmarks.service_load import Launched, LoadConfig, keel, measure, multipa
 
 NAME = "replicas"
 HEALTH_INTERVAL_MS = 500
+# A stop is a rollout's: the balancer stops sending the replica new requests (haproxy's drain state, as
+# Kubernetes takes the pod out of the Service's endpoints while the preStop hook sleeps), then SIGTERM.
+# Without that step a request sent on a kept-alive connection just as the replica's worker closes it
+# gets no answer (tests/test_drain.py), and haproxy retries such a request only with `retry-on
+# empty-response`.
+PRESTOP_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -92,15 +100,19 @@ class Balancer(Launched):
                           "-db", "-f", str(self.config_path)], {}, "/readyz", log_dir, "haproxy")
         self.config_path.write_text(haproxy_config(self.port, replicas, self.stats, retry_unanswered))
 
-    def in_progress(self, server: str) -> int:
-        """haproxy's count of requests in progress on `server` (scur in `show stat`)."""
+    def command(self, line: str) -> str:
+        """One command to haproxy's runtime API (the stats socket), its answer."""
         with socket.socket(socket.AF_UNIX) as sock:
             sock.connect(str(self.stats))
-            sock.sendall(b"show stat\n")
+            sock.sendall(line.encode() + b"\n")
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
-        lines = data.decode().splitlines()
+        return data.decode()
+
+    def in_progress(self, server: str) -> int:
+        """haproxy's count of requests in progress on `server` (scur in `show stat`)."""
+        lines = self.command("show stat").splitlines()
         header = lines[0].lstrip("# ").split(",")
         for line in lines[1:]:
             row = dict(zip(header, line.split(",")))
@@ -187,6 +199,9 @@ def lose_replica(model: str, images: list[bytes], config: ReplicasConfig, logs: 
         asyncio.run(timeline(balancer.url + "/classify", bodies, config.loss_clients, 1.0, 0.5, dict))
 
         def lose() -> dict:
+            if mode == "stop":  # a rollout: the endpoint goes first (Kubernetes, during the preStop sleep)
+                balancer.command("set server replicas/r2 state drain")
+                time.sleep(PRESTOP_S)
             in_progress = balancer.in_progress("r2")
             at = time.perf_counter()
             if mode == "kill":

@@ -7,6 +7,7 @@ train, export or start servers are marked `slow`: `pytest -m "not slow"` runs th
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,21 +152,22 @@ def service_app(tiny_model, tmp_path_factory):
            "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml-in-process")), "BENTOML_DO_NOT_TRACK": "True"}
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
-    try:
-        module = importlib.reload(sys.modules["service.service"]) if "service.service" in sys.modules else \
-            importlib.import_module("service.service")
-        with TestClient(module.Classifier.to_asgi()) as client:
+    with contextlib.ExitStack() as stack:
+        try:
+            module = importlib.reload(sys.modules["service.service"]) if "service.service" in sys.modules else \
+                importlib.import_module("service.service")
+            client = stack.enter_context(TestClient(module.Classifier.to_asgi()))
             deadline = time.monotonic() + 60
             while client.get("/readyz").status_code != 200:
                 assert time.monotonic() < deadline, "the in-process service did not get ready"
                 time.sleep(0.05)
-            yield client
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name)
-            else:
-                os.environ[name] = value
+        finally:  # started: the settings are read. Left in os.environ they would reach every server a
+            for name, value in saved.items():  # later test starts (this fixture lives for the session)
+                if value is None:
+                    os.environ.pop(name)
+                else:
+                    os.environ[name] = value
+        yield client
 
 
 # A second, different model for multi-model serving: another architecture with another resize,
