@@ -14,6 +14,7 @@ from training.data import (
     DeviceBatches,
     EpochSampler,
     ImageFolder,
+    PixelNormalizer,
     UnreadableImageError,
     UnreadableImages,
     find_classes,
@@ -152,3 +153,17 @@ def test_normalisation_on_the_device_keeps_the_layout_asked_for():
     assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(plain, nhwc)
     mean, std = torch.tensor(SPEC.mean).view(1, 3, 1, 1), torch.tensor(SPEC.std).view(1, 3, 1, 1)
     assert torch.allclose(plain, (images.permute(0, 3, 1, 2).float() / 255 - mean) / std, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", [SPEC, PreprocessSpec(resize=80, crop=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))])
+def test_the_normaliser_computes_the_tables_values_in_either_layout(spec):
+    """PixelNormalizer's arithmetic (the fast path) is bit for bit the service's normalisation, which the
+    table holds, for every byte of every channel; on the CPU it takes the fast path."""
+    normalizer = PixelNormalizer(spec)
+    assert normalizer.arithmetic
+    images = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
+    table = pixel_table(spec)
+    for channels_last in (False, True):
+        fast = normalizer(images, channels_last)
+        assert torch.equal(fast, normalize_batch(images, table, channels_last))
+        assert fast.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -103,7 +103,7 @@ class PlainCNN(nn.Module):
 def make_data(data: Path, out: Path, config: CausesConfig) -> Path:
     """The training images the causes use, preprocessed once into one tensor file."""
     from service.preprocessing import PreprocessSpec
-    from training.data import ImageFolder, find_classes, normalize_batch, pixel_table
+    from training.data import ImageFolder, PixelNormalizer, find_classes
 
     spec = PreprocessSpec(resize=config.image_size, crop=config.image_size, mean=(0.485, 0.456, 0.406),
                           std=(0.229, 0.224, 0.225))
@@ -111,7 +111,7 @@ def make_data(data: Path, out: Path, config: CausesConfig) -> Path:
     images = ImageFolder(data / "train", classes, spec)  # evaluation mode: resize and centre crop, uint8
     chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:config.train_images].tolist()
     samples = [images[i] for i in chosen]  # (S x S x 3 uint8, label, unreadable files)
-    pixels = normalize_batch(torch.stack([image for image, _, _ in samples]), pixel_table(spec))  # N x 3 x S x S
+    pixels = PixelNormalizer(spec)(torch.stack([image for image, _, _ in samples]))  # N x 3 x S x S
     torch.save((pixels, torch.tensor([label for _, label, _ in samples])), out)
     return out
 
