@@ -97,7 +97,7 @@ def render(results: dict) -> str:
              f"{results['config']['run_seconds']:g} s per scenario, alternating the order, median (min–max) over "
              "rounds. CPU: the server's processes' CPU time per answered request.", ""]
     for scenario in results["scenarios"]:
-        lines += [f"**{Path(scenario['model']).name}**", "",
+        lines += [f"**{Path(scenario['model']).parent.name}/{Path(scenario['model']).name}**", "",
                   "| clients | server | requests/s | p50 ms | p99 ms | CPU ms/request | errors |",
                   "|---:|---|---:|---:|---:|---:|---:|"]
         for c, row in scenario["summary"].items():
