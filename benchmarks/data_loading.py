@@ -35,7 +35,8 @@ CROP, BATCH = 224, 64
 
 
 def photo(width: int, height: int, seed: int):
-    """A photograph stand-in (as tests/test_preprocessing.py makes them)."""
+    """A photograph stand-in: smooth colour gradients, blurred shapes of every size, sensor noise
+    (tests/test_preprocessing.py uses it too)."""
     from PIL import Image, ImageDraw, ImageFilter
 
     rng = np.random.default_rng(seed)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.data_loading import photo  # a photograph stand-in, shared with the benchmark
 from service.preprocessing import (
     ImageDecodeError,
     PreprocessSpec,
@@ -156,23 +157,6 @@ def test_checkpoint_export_and_service_share_one_spec(trained_run, exported_mode
     assert (checkpoint_spec.crop, checkpoint_spec.resize) == (config["image_size"], config["resize"])
     assert OnnxClassifier(exported_model, device="cpu").info.preprocessing == checkpoint_spec
     assert ort.InferenceSession(str(exported_model)).get_inputs()[0].shape[2:] == [checkpoint_spec.crop] * 2
-
-
-def photo(width: int, height: int, seed: int) -> Image.Image:
-    """A photograph stand-in: smooth colour gradients, blurred shapes of every size, sensor noise."""
-    from PIL import ImageDraw, ImageFilter
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    base = np.stack([128 + 100 * np.sin(6 * x + c) * np.cos(4 * y - c) for c in (0, 1, 2)], -1)
-    image = Image.fromarray(base.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(40):
-        cx, cy, r = rng.integers(0, width), rng.integers(0, height), rng.integers(width // 40, width // 6)
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-    image = image.filter(ImageFilter.GaussianBlur(width / 800))
-    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 6, (height, width, 3))
-    return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
 
 
 # The stated tolerance of the reduced JPEG decode (KEEL_JPEG_DRAFT, on by default), in 8-bit
