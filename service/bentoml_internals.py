@@ -121,23 +121,32 @@ class RequestDeadline:
             return await self.app(scope, receive, send)
         from starlette.responses import JSONResponse
 
-        started = False
+        await answer_within(self.timeout, lambda send_noted: self.app(scope, receive, send_noted), send,
+                            lambda: JSONResponse({"error": f"request not answered within {self.timeout:g} s"},
+                                                 status_code=504)(scope, receive, send))
 
-        async def send_and_note(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
 
-        deadline = asyncio.timeout(self.timeout)  # its timer is cancelled on the way out
-        try:
-            async with deadline:
-                await self.app(scope, receive, send_and_note)
-        except TimeoutError:
-            if not deadline.expired():  # the app's own TimeoutError, not ours
-                raise
-            if not started:  # past the response's start there is no status left to change
-                await JSONResponse({"error": f"request not answered within {self.timeout:g} s"},
-                                   status_code=504)(scope, receive, send)
+async def answer_within(seconds: float, call: Callable[[Callable], Awaitable[None]], send: Callable,
+                        late: Callable[[], Awaitable[None]]) -> None:
+    """Await `call(send)`, which answers a request through the `send` it is given, for at most `seconds`;
+    past them `late()` answers instead, unless the response has begun (then there is no status left to
+    change). A TimeoutError of the call's own propagates. RequestDeadline and uploads.RequestGuard use it."""
+    started = False
+
+    async def send_and_note(message):
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    deadline = asyncio.timeout(seconds)  # its timer is cancelled on the way out
+    try:
+        async with deadline:
+            await call(send_and_note)
+    except TimeoutError:
+        if not deadline.expired():  # the call's own TimeoutError, not ours
+            raise
+        if not started:
+            await late()
 
 
 BENTOML_TIMEOUT_MIDDLEWARE = _traffic.TimeoutMiddleware  # BentoML's own, kept for tests/test_bentoml_internals.py

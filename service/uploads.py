@@ -30,7 +30,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from service.bentoml_internals import GUARDED_INPUT, file_schema
+from service.bentoml_internals import GUARDED_INPUT, answer_within, file_schema
 from service.config import ServiceConfig
 from service.errors import ClientError, error
 
@@ -271,27 +271,17 @@ class RequestGuard:
         reader = self.readers.get(scope["path"]) if scope["method"] == "POST" else None
         if reader is None:
             return await self.app(scope, receive, send)
-        started = False
-
-        async def send_and_note(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         timeout = self.config.request_timeout_s
-        deadline = asyncio.timeout(timeout)
+
+        async def read_then_run(send_noted):
+            scope[GUARDED_INPUT] = await reader(Request(scope, receive), self.config)
+            await self.app(scope, _consumed, send_noted)
+
         try:
-            async with deadline:
-                scope[GUARDED_INPUT] = await reader(Request(scope, receive), self.config)
-                await self.app(scope, _consumed, send_and_note)
+            await answer_within(timeout, read_then_run, send, lambda: error(
+                f"request not answered within the timeout of {timeout:g} s; retry later", 503)(scope, receive, send))
         except ClientError as exc:
             return await error(exc)(scope, receive, send)
-        except TimeoutError:
-            if not deadline.expired():  # the app's own TimeoutError, not ours
-                raise
-            if not started:
-                await error(f"request not answered within the timeout of {timeout:g} s; retry later",
-                            503)(scope, receive, send)
 
     async def documented(self, scope, receive, send):
         """BentoML's /docs.json, completed by `document`."""
