@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from torch import nn
 
 from training.stability import DivergenceMonitor, TrainingDiverged, passes_gate, stability_report
@@ -16,7 +17,7 @@ def test_skipped_steps_within_the_window_mean_divergence():
     assert monitor.observe(1, None) is None and monitor.observe(5, None) is None
     assert monitor.observe(20, None) is None  # the first two fell out of the window
     assert monitor.observe(21, None) is None
-    assert "3 non-finite steps within 10 steps" in monitor.observe(22, None)
+    assert "3 skipped steps (non-finite, or corrupt inputs) within 10 steps" in monitor.observe(22, None)
 
 
 def test_a_loss_far_above_its_running_median_means_divergence_but_noise_does_not():
@@ -89,3 +90,38 @@ def test_an_explosion_in_the_first_steps_is_caught_against_chance_level():
     assert monitor.observe(3, 9.0) is None  # below 5 x ln(10) = 11.5
     # a first-steps blow-up, as in docs/stability.md (losses of 1e2-1e5 by step 5-6)
     assert "above 5x" in monitor.observe(4, 2748.0)
+
+
+def test_the_guard_skips_a_batch_of_corrupt_inputs_and_leaves_batch_norm_untouched(tmp_path):
+    """Pixel values x1e4 (a batch that skipped normalisation): batch norm after the first conv hides
+    them from the loss, so only the inputs show it. With the guard the step is skipped and BN's running
+    statistics stay as they were; without it the step is taken and the running variance is poisoned."""
+    from service.preprocessing import PreprocessSpec
+    from training.config import TrainConfig
+    from training.data import input_limit
+    from training.monitor import StepLog
+    from training.precision import Precision
+    from training.train import Trainer, make_optimizer
+
+    spec = PreprocessSpec(resize=16, crop=16, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    limit = input_limit(spec)
+    assert 10.0 <= limit < 20.0  # 4 x the largest |(0 or 1 - mean) / std| = 4 x 2.64
+    generator = torch.Generator().manual_seed(0)
+    images, targets = torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 10, (8,), generator=generator)
+    variances = {}
+    for guard in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(1568, 10))
+        config = TrainConfig(data="d", out="o", optimizer="sgd", guard=guard)
+        trainer = Trainer(model, make_optimizer(model, config), config, 10, Precision.create("fp32", "cpu"),
+                          StepLog(tmp_path / f"steps-{guard}.jsonl", 0), guard=guard, input_limit=limit)
+        assert trainer.train_step(images, targets, lr=0.01) is not None  # clean inputs train in both
+        before = model[1].running_var.clone()
+        loss = trainer.train_step(images * 1e4, targets, lr=0.01)
+        assert (loss is None) == guard and trainer.skipped == int(guard)
+        variances[guard] = model[1].running_var / before
+        trainer.steps_log.flush()
+    assert torch.equal(variances[True], torch.ones(8))
+    assert variances[False].min() > 1e6  # 0.9 x old + 0.1 x (1e4)^2 x new
+    record = json.loads((tmp_path / "steps-True.jsonl").read_text().splitlines()[-1])
+    assert record["skipped"] and record["bad_inputs"] > limit

@@ -34,7 +34,7 @@ class TrainConfig:
     label_smoothing: float = 0.1  # share of the target probability spread over all classes
     clip: str = "norm"  # gradient clipping: "norm" (global L2), "value" (per element), "agc" (unit-wise), "none"
     clip_threshold: float = 2.0  # max global norm ("norm"), max |g| ("value"), max |g|/|w| per unit ("agc": ~0.01-0.16)
-    rollback_skips: int = 5  # this many non-finite steps within rollback_window mean the run diverges
+    rollback_skips: int = 5  # this many skipped steps within rollback_window mean the run diverges
     rollback_window: int = 50  # steps
     rollback_loss_factor: float = 5.0  # so does a loss above this multiple of its running median; 0 turns it off
     rollback_lr_factor: float = 0.5  # after a rollback to the last good state, the learning rate is scaled by this

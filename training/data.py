@@ -26,6 +26,7 @@ RUN/skipped.jsonl (or, with --bad-images fail, stops the run naming it).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
@@ -253,6 +254,18 @@ class PixelNormalizer:
         if self.arithmetic:
             return self.compute(images, channels_last)
         return normalize_batch(images, self.table, channels_last)
+
+
+def input_limit(spec: PreprocessSpec) -> float:
+    """The largest |value| a training batch may hold: 4 times the most the preprocessing can produce
+    ((0 or 1 - mean) / std over the channels; augmentation only mixes or zeroes normalised values), and
+    at least 10. The guard skips a batch above it or with a non-finite value (training/train.py): one
+    that skipped normalisation (0-255) or came out of a broken decoder. Such a batch leaves no trace in
+    the loss when batch norm follows the first conv, but its statistics would poison BN's running
+    averages, and evaluation with them."""
+    peak = max(max(abs(0.0 - m), abs(1.0 - m)) / s if s > 0 else math.inf for m, s in zip(spec.mean, spec.std,
+                                                                                             strict=True))
+    return max(4.0 * peak, 10.0)
 
 
 class DeviceBatches:

@@ -31,13 +31,15 @@ class DivergenceMonitor:
         self.losses: deque[float] = deque(maxlen=history)
 
     def observe(self, step: int, loss: float | None) -> str | None:
-        """Record one step (loss None: skipped as non-finite); returns why to roll back, or None."""
+        """Record one step (loss None: skipped, as non-finite or for corrupt inputs); returns why to roll
+        back, or None."""
         while self.recent_skips and self.recent_skips[0] <= step - self.window:
             self.recent_skips.popleft()
         if loss is None:
             self.recent_skips.append(step)
             if len(self.recent_skips) >= self.max_skips:
-                return f"{len(self.recent_skips)} non-finite steps within {self.window} steps"
+                return (f"{len(self.recent_skips)} skipped steps (non-finite, or corrupt inputs) "
+                        f"within {self.window} steps")
             return None
         if self.loss_factor > 0:
             # Until `warmup` losses are in, the median is too noisy to judge by; chance level is not

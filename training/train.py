@@ -33,7 +33,15 @@ from training.augment import BatchAugment
 from training.checkpoint import checkpoint_payload, load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.clipping import clip_gradients_
 from training.config import TrainConfig
-from training.data import DeviceBatches, EpochSampler, ImageFolder, UnreadableImages, find_classes, make_loader
+from training.data import (
+    DeviceBatches,
+    EpochSampler,
+    ImageFolder,
+    UnreadableImages,
+    find_classes,
+    input_limit,
+    make_loader,
+)
 from training.ema import ModelEma
 from training.evaluation import evaluate, plot_confusion
 from training.finetune import freeze_below, parameter_groups
@@ -177,7 +185,8 @@ def _train(config: TrainConfig, dist_env: DistEnv, step_hook: StepHook | None) -
         kept_steps = [r for r in read_records(out / "steps.jsonl") if r["step"] <= step] if state else []
         (out / "steps.jsonl").write_text("".join(json.dumps(record) + "\n" for record in kept_steps))
     trainer = Trainer(model, optimizer, config, len(classes), precision, StepLog(out / "steps.jsonl" if lead else None,
-                      config.layer_norms_every), guard=config.guard, world=world, ema=ema)
+                      config.layer_norms_every), guard=config.guard, world=world, ema=ema,
+                      input_limit=input_limit(spec))
     trainer.step, trainer.skipped, trainer.rollbacks, trainer.lr_scale = step, skipped, rollbacks, lr_scale
     applied_steps = [r for r in kept_steps if not r["skipped"] and "rollback" not in r]
     trainer.grad_norms, trainer.total_clipped = ([r["grad_norm"] for r in applied_steps],
@@ -308,15 +317,17 @@ class Trainer:
     """One optimizer step at a time, with everything that keeps a run stable and observable.
 
     A step: forward (under autocast), loss, backward (scaled for fp16), unscale, per-layer norms at
-    the interval, clipping, one host transfer of (loss, norm, clipped), then the non-finite guard,
-    the divergence check, and the optimizer step, a skip or a rollback. `guard=False` and no step
+    the interval, clipping, one host transfer of (loss, norm, clipped, input peak), then the guard
+    (skip a step with a non-finite loss or gradient, or inputs beyond `input_limit`), the divergence
+    check, and the optimizer step, a skip or a rollback. `guard=False` and no step
     log give the bare loop the overhead benchmark compares with (benchmarks/train_overhead.py).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, num_classes: int,
                  precision: Precision, steps_log: StepLog | None, *, guard: bool = True, world: int = 1,
-                 ema: ModelEma | None = None):
+                 ema: ModelEma | None = None, input_limit: float = math.inf):
         self.model, self.optimizer, self.config, self.num_classes = model, optimizer, config, num_classes
+        self.input_limit = input_limit  # |value| above this (or non-finite) in a batch: corrupt inputs
         self.ema = ema  # updated after every applied step
         self.module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         self.precision, self.steps_log, self.guard, self.world = precision, steps_log or StepLog(None, 0), guard, world
@@ -345,15 +356,19 @@ class Trainer:
         precision.unscale(optimizer)  # true gradients from here on: what is measured and clipped is real
         layers = layer_norms(self.module) if self.steps_log.wants_layers(step) else {}
         norm, clipped = clip_gradients_(self.module, config.clip, config.clip_threshold, self.num_classes)
-        values = torch.stack([loss.detach().float(), norm, clipped.float()])
+        peak = images.detach().abs().amax().float()  # NaN when any value is
+        values = torch.stack([loss.detach().float(), norm, clipped.float(), peak])
         if self.world > 1:
             # Gradients are already averaged (identical in every process); the loss is averaged here so
             # that every process takes the same guard, rollback and snapshot decisions.
             torch.distributed.all_reduce(values)
             values /= self.world
-        loss_value, grad_norm, was_clipped = values.tolist()  # the step's one host sync
+        loss_value, grad_norm, was_clipped, input_peak = values.tolist()  # the step's one host sync
         was_clipped = was_clipped > 0.5
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        # Corrupt inputs: the guard skips the step like a non-finite one (it leaves no trace, BN statistics
+        # included). One such batch costs one step; a stream of them is a broken pipeline, and rolls back.
+        bad_inputs = self.guard and not input_peak <= self.input_limit
         if not self.guard:
             # Nothing is skipped or rolled back; a run that diverges (non-finite, or the loss far above
             # its running median: the monitor's test) stops there, as there is no way back without the guard.
@@ -379,16 +394,19 @@ class Trainer:
         # counts toward a rollback once the scale is below 1, i.e. when the gradients themselves overflow.
         overflow = precision.scaler is not None and math.isfinite(loss_value) and not finite
         scale = precision.scale if overflow else None
-        diverging = self.monitor.observe(step, loss_value if finite else None) if not overflow or scale < 1 else None
+        skip = not finite or bad_inputs
+        diverging = self.monitor.observe(step, None if skip else loss_value) if not overflow or scale < 1 else None
         record = dict(step=step, epoch=epoch, lr=lr, loss=loss_value if math.isfinite(loss_value) else None,
-                      grad_norm=grad_norm if finite else None, clipped=was_clipped, skipped=not finite)
+                      grad_norm=grad_norm if finite else None, clipped=was_clipped, skipped=skip)
         if overflow:
             record.update(overflow=True, loss_scale=scale)
+        if bad_inputs:
+            record.update(bad_inputs=input_peak if math.isfinite(input_peak) else None)
         self.steps_log.write(**record, **layers,
                              **({"rollback": diverging} if diverging else {}))
         # Non-finite guard: a NaN/inf loss or gradient would poison the weights and the momentum
         # buffers for good, so that step is skipped and counted instead.
-        if not finite:
+        if skip:
             self.skipped += 1
             self.overflows += overflow
             precision.skip()
@@ -396,7 +414,9 @@ class Trainer:
                 for buffer, saved in zip(self.module.buffers(), saved_buffers):
                     buffer.copy_(saved)
             if self.world == 1 or self.steps_log.file:
-                what = (f"fp16 gradients overflowed (loss scale now {precision.scale:g})" if overflow
+                what = (f"inputs outside what the preprocessing produces (largest |value| {input_peak:.3g}, "
+                        f"limit {self.input_limit:.3g})" if bad_inputs
+                        else f"fp16 gradients overflowed (loss scale now {precision.scale:g})" if overflow
                         else "non-finite loss or gradient")
                 print(f"\n  step {step}: {what}, step skipped", file=sys.stderr)
         # Divergence: back to the last good weights and optimizer state, at a lower learning rate.
@@ -412,7 +432,7 @@ class Trainer:
             if self.world == 1 or self.steps_log.file:
                 print(f"\n  step {step}: {diverging}: rolled back to the last good state, "
                       f"learning rate x{self.lr_scale:g}", file=sys.stderr)
-        if not finite or diverging:
+        if skip or diverging:
             return None
         precision.step(optimizer)
         if self.ema:

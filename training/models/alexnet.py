@@ -12,8 +12,8 @@ Deviations from the 2012 paper:
   * AdaptiveAvgPool2d(6, 6) before the classifier, so any input >= MIN_INPUT_SIZE is accepted; at
     224 px the map is already 6 x 6 and the pool is the identity.
   * Dropout is applied to the inputs of FC1 and FC2 (torchvision's placement), not their outputs.
-  * Weights come from `layers.init_weights` (Kaiming normal convs, N(0, 0.01) linears, zero biases),
-    not the paper's N(0, 0.01) everywhere with some biases set to 1.
+  * Weights come from `layers.init_weights` (Kaiming normal convs: fan_in without BN, fan_out with
+    it; N(0, 0.01) linears, zero biases), not the paper's N(0, 0.01) everywhere with some biases set to 1.
   * `width` scales conv channels and the FC hidden size (4096); width=1.0 is the published network.
   * `alexnet_bn` adds BatchNorm after every conv (convs then drop their bias). This is not in either
     paper; its classifier is unchanged (same FC layers, same dropout).

@@ -14,7 +14,8 @@ Deviations from the paper (all but the last two are torchvision's, kept so that
   * Classifier dropout 0.2 instead of 0.4.
   * Auxiliary heads (optional, off by default) use an adaptive average pool to 4 x 4 instead of a
     5x5/3 average pool (the same 4 x 4 at 224 px), and their 1x1 conv has batch norm.
-  * Weights come from `layers.init_weights` (Kaiming normal), not torchvision's truncated normal.
+  * Weights come from `layers.init_weights` (Kaiming normal, fan_in for the convs of the no-BN
+    network), not torchvision's truncated normal.
   * `batch_norm=False` removes every batch norm (convs get their bias back): the paper's network
     in that respect, which the stability study (training/study.py) trains as "no BN".
   * `width` scales every channel count, the auxiliary heads' 128 / 1024 included (their FC input

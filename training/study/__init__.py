@@ -7,9 +7,9 @@ selection runs are kept in the results), the test split evaluated once per repor
                  activation, depth, learning rate (causes.py)
   2. remedies    AlexNet and Inception-v1 at a learning rate where the bare network diverges:
                  none, warmup, BN, clipping by global norm, AGC, BN + clipping, BN + clipping + guard
-  3. faults      the recipe's set-up with a fault injected half-way (a NaN image, a corrupt batch,
-                 a learning-rate spike, mislabelled batches), guard on and off on the same seeds
-                 (faults.py)
+  3. faults      the recipe's set-up with a fault injected late (a corrupt batch, a learning-rate
+                 spike, a learning-rate blunder, mislabelled batches), guard on and off on the same
+                 seeds (faults.py)
   4. recipes     every architecture at its recipe, on demand (recipes.py)
 
 `python -m training.study` runs it (experiment.py schedules the runs, runner.py runs each one

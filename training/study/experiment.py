@@ -1,7 +1,7 @@
 """The study's runs, in the order their dependencies allow, and the results JSON they fill.
 
   causes          the plain CNN, each factor varied alone (independent of the rest)
-  lr selection    per architecture, the bare set-up at falling learning rates until it stops diverging
+  lr selection    per architecture, the bare set-up at rising learning rates until it diverges
   agc selection   per architecture, AGC's clip factor by validation accuracy at the chosen rate
   remedies        per architecture, every set-up at the chosen rate, `seeds` seeds each
   fault selection the recipe's set-up at a few learning rates, by validation accuracy
@@ -87,7 +87,7 @@ def run_study(config: StudyConfig, work: Path, jobs: int, keep: bool = False) ->
                          data=selection_data, lr=lr, seed=seed, clip="agc", clip_threshold=threshold)
 
     def probe(arch: str, rates: list[float]) -> None:
-        """The bare set-up at rates[0] from every probe seed; then the next lower rate while it diverges."""
+        """The bare set-up at rates[0] from every probe seed; then the next higher rate until it diverges."""
         record = results["selection"]["lr"].setdefault(arch, {"runs": {}})
         lr, found = rates[0], []
 
@@ -97,13 +97,11 @@ def run_study(config: StudyConfig, work: Path, jobs: int, keep: bool = False) ->
                 return
             record["runs"][str(lr)] = sorted(found, key=lambda r: r["seed"])
             qualifies = sum(r["blowup_step"] is not None for r in found) >= config.probe_share * len(found)
-            if qualifies:
-                record["chosen"], record["criterion_met"] = lr, True
-            if qualifies and len(rates) > 1:
+            if not qualifies and len(rates) > 1:
                 probe(arch, rates[1:])
                 return
-            if "chosen" not in record:  # not even the highest rate: take it, and the page says so
-                record["chosen"], record["criterion_met"] = lr, False
+            # the first rate that qualifies; if none did, the highest, and the page says so
+            record["chosen"], record["criterion_met"] = lr, qualifies
             setups = [name for name in REMEDIES if name != "agc"]
             remedies(arch, setups, record["chosen"])
             select_agc(arch, record["chosen"])
@@ -113,7 +111,7 @@ def run_study(config: StudyConfig, work: Path, jobs: int, keep: bool = False) ->
                      collect, arch=arch, data=selection_data, lr=lr, seed=seed, epochs=config.probe_epochs)
 
     for arch in ARCHS:
-        probe(arch, sorted(config.lr_grid, reverse=True))
+        probe(arch, sorted(config.lr_grid))
 
     # The guard at work: the recipe's set-up at a learning rate chosen on validation, then the faults.
     recipe = {"arch": "alexnet", "bn": True, "warmup": True, "clip": "norm"}

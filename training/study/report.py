@@ -264,7 +264,8 @@ def remedy_conclusions(study: dict) -> list[str]:
 def fault_verdict(on: dict, off: dict) -> str:
     """Whether the guard changed a fault's outcome: fewer stopped runs, or accuracy intervals apart."""
     if not on["skipped"] and not on["rollbacks"]:
-        return "The guard never acted: nothing it checks (a non-finite value, a loss far above its median) happened."
+        return ("The guard never acted: nothing it checks (a non-finite value, inputs beyond what the preprocessing "
+                "produces, a loss far above its median) happened.")
     if on["stopped"] < off["stopped"] or (on["paired"][1] > off["paired"][2]):
         return "The guard helped."
     if on["stopped"] > off["stopped"] or (on["paired"][2] < off["paired"][1]):
@@ -298,14 +299,15 @@ def fault_conclusions(study: dict) -> list[str]:
 
 def design_section(study: dict) -> list[str]:
     c, guard = study["config"], study["guard"]
-    steps = c["epochs"] * study["steps_per_epoch"]
+    steps, inception_steps = (c[key] * study["steps_per_epoch"] for key in ("epochs", "inception_epochs"))
     return [
         "## How it was measured", "",
         f"**Data.** The built-in shapes data set (10 classes, chance 10%) at {c['image_size']} px: "
         f"{c['train_per_class']} training, {c['val_per_class']} validation and {c['test_per_class']} test images per "
         "class.", "",
         f"**Training.** Every run of parts 2 and 3 goes through Keel's own loop (`training.train`): SGD with Nesterov "
-        f"momentum 0.9, batch {c['batch_size']}, {c['epochs']} epochs ({steps} steps), cosine decay from the peak "
+        f"momentum 0.9, batch {c['batch_size']}, {c['epochs']} epochs ({steps} steps) for AlexNet and "
+        f"{c['inception_epochs']} ({inception_steps} steps) for Inception-v1, cosine decay from the peak "
         f"learning rate, weight decay {c['weight_decay']}, no dropout, no label smoothing, random-resized crops of at "
         f"least {c['min_crop_scale']:.0%} of the area; CPU, fp32, one thread per run. AlexNet at width "
         f"{c['alexnet_width']} and Inception-v1 at width {c['inception_width']}, both at {c['image_size']} px; "
@@ -334,10 +336,12 @@ def design_section(study: dict) -> list[str]:
         f"results file. Fixed, not chosen: the clipping threshold ({c['clip_threshold']}, the recipes'), the warmup "
         f"length ({c['warmup_epochs']:g} epoch, linear from zero, TrainConfig's default) and the guard's settings "
         f"(its defaults).", "",
-        f"**The guard** (`--guard`, on by default): a step with a non-finite loss or gradient is skipped, leaving "
-        f"weights, optimizer state and BN statistics untouched; {guard['rollback_skips']} skips within "
-        f"{guard['rollback_window']} steps, or a loss above {guard['rollback_loss_factor']:g}x max(running median, "
-        f"ln 10), roll the run back to its last good state (taken every {guard['snapshot_every']} steps and at each "
+        f"**The guard** (`--guard`, on by default): a step with a non-finite loss or gradient, or with inputs beyond "
+        "what the preprocessing can produce (`training.data.input_limit`: 4x the largest normalised value), is "
+        "skipped, leaving weights, optimizer state and BN statistics untouched; "
+        f"{guard['rollback_skips']} skips within {guard['rollback_window']} steps, or a loss above "
+        f"{guard['rollback_loss_factor']:g}x max(running median, ln 10), roll the run back to its last good state "
+        f"(taken every {guard['snapshot_every']} steps and at each "
         f"epoch's end) at {guard['rollback_lr_factor']:g}x the learning rate; one more after "
         f"{guard['max_rollbacks']} rollbacks stops the run.", "",
     ]
@@ -420,7 +424,7 @@ def remedies_section(study: dict) -> list[str]:
         "Each remedy alone and in combination, at a learning rate high enough that the bare network diverges. The "
         f"rate is chosen per architecture: the bare set-up (no BN, no warmup, no clipping, no guard) trained for "
         f"{c['probe_epochs']} epoch (its cosine decay compressed into it) from {c['seeds']} selection seeds at each "
-        f"rate of the grid ({', '.join(map(str, c['lr_grid']))}), from the highest down; the study uses the lowest "
+        f"rate of the grid ({', '.join(map(str, c['lr_grid']))}), from the lowest up; the study uses the first "
         f"rate at which at least {c['probe_share']:.0%} of them diverged. AGC's clip "
         f"factor is then chosen among {', '.join(map(str, c['agc_grid']))} by the mean final validation accuracy of "
         f"{c['selection_seeds']} selection seeds at that rate.", "",
@@ -433,7 +437,7 @@ def remedies_section(study: dict) -> list[str]:
         if not lr_record:
             continue
         probes = ", ".join(f"{lr}: {share(sum(r['blowup_step'] is not None for r in runs), len(runs))}"
-                           for lr, runs in sorted(lr_record["runs"].items(), key=lambda kv: -float(kv[0])))
+                           for lr, runs in sorted(lr_record["runs"].items(), key=lambda kv: float(kv[0])))
         agc = ", ".join(f"{t}: {pct(statistics.fmean(map(validation_score, runs)))}"
                         for t, runs in sorted(agc_record.get("runs", {}).items(), key=lambda kv: float(kv[0])))
         note = "" if lr_record.get("criterion_met", True) else " (the criterion was not met: highest rate)"
@@ -495,16 +499,17 @@ def faults_section(study: dict) -> list[str]:
         return []
     c, selection = study["config"], study["selection"]["fault_lr"]
     injected = {name: faults[0] for name, faults in study["faults_injected"].items()}
-    at = injected["nan_image"]["step"]
+    at = injected["corrupt_batch"]["step"]
     total = c["epochs"] * study["steps_per_epoch"]
     scores = ", ".join(f"{lr}: {pct(statistics.fmean(map(validation_score, runs)))}"
                        for lr, runs in sorted(selection["runs"].items(), key=lambda kv: float(kv[0])))
     described = {
-        "nan_image": f"the first image of the batch at step {at} is NaN (a decoder that returned garbage)",
         "corrupt_batch": f"every pixel value of the batch at step {at} is multiplied by "
                          f"{injected['corrupt_batch']['scale']:g} (a batch that skipped normalisation, or worse)",
         "lr_spike": f"the learning rate is multiplied by {injected['lr_spike']['scale']:g} for "
                     f"{injected['lr_spike']['steps']} steps from step {at} (a mis-set schedule)",
+        "lr_blunder": f"the learning rate is multiplied by {injected['lr_blunder']['scale']:g} for "
+                      f"{injected['lr_blunder']['steps']} steps from step {at} (a rate given in the wrong units)",
         "mislabel": f"{injected['mislabel']['steps']} batches from step {at} have every label shifted to the next "
                     "class (a shard with an off-by-one label map)",
     }
@@ -513,7 +518,8 @@ def faults_section(study: dict) -> list[str]:
     lines = [
         "## 3. The guard at work", "",
         f"Faults injected into the recipe's set-up (AlexNet with BN, clipping by global norm at {c['clip_threshold']}, "
-        f"a {c['warmup_epochs']:g}-epoch warmup) half-way through its {total} steps, each on the same {c['seeds']} "
+        f"a {c['warmup_epochs']:g}-epoch warmup) at step {at} of its {total}, late, where a fault costs the most (the "
+        f"run has the least time to recover before its final weights), each on the same {c['seeds']} "
         f"seeds with the guard on and off. The learning rate, {selection['chosen']}, was chosen on validation "
         f"(mean final validation accuracy of {c['selection_seeds']} selection seeds: {scores}). The clean run is the "
         f"same set-up with the guard on and no fault; the guard acted {clean['skipped'] + clean['rollbacks']} times "
@@ -536,7 +542,8 @@ def faults_section(study: dict) -> list[str]:
             lines.append(f"| {label} | {'on' if guard == 'guard' else 'off'} | {diverged_text(row)} | "
                          f"{stopped_text(row)} | {acc_text(row['acc'])} | {difference} | {row['skipped']} | "
                          f"{row['rollbacks']} |")
-    lines += ["", "![loss around each fault, guard on and off](stability/faults.png)", ""]
+    lines += ["", "![training loss and validation accuracy around each fault, guard on and off]"
+              "(stability/faults.png)", ""]
     return lines
 
 
@@ -702,28 +709,38 @@ def remedies_figure(study: dict, arch: str, path: Path) -> None:
 
 
 def faults_figure(study: dict, path: Path) -> None:
+    """Per fault: the training loss by step (top) and the validation accuracy by epoch (bottom). A
+    corrupt batch under BN barely moves the training loss; the damage is in BN's running statistics,
+    which only evaluation uses, so the bottom row is where it shows."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(FAULT_LABELS), figsize=(13, 3.4), sharey=True)
+    fig, axes = plt.subplots(2, len(FAULT_LABELS), figsize=(13, 6), sharey="row")
     clean = study["faults"]["clean"]
-    for ax, (name, label) in zip(axes, FAULT_LABELS.items()):
+    per_epoch = study["steps_per_epoch"]
+    for column, (name, label) in enumerate(FAULT_LABELS.items()):
+        top, bottom = axes[0][column], axes[1][column]
         fault = study["faults_injected"][name][0]
-        ax.axvspan(fault["step"], fault["step"] + fault["steps"], color="gold", alpha=0.4, lw=0)
+        top.axvspan(fault["step"], fault["step"] + fault["steps"], color="gold", alpha=0.4, lw=0)
+        bottom.axvline(fault["step"] / per_epoch, color="gold", lw=3, alpha=0.6)
         # guard off dashed over guard on: where the guard did nothing the two coincide and both show
         for runs, color, style, text in ((clean, "gray", "-", "clean"),
                                          (study["faults"][name]["guard"], "tab:blue", "-", "guard on"),
                                          (study["faults"][name]["no_guard"], "tab:red", "--", "guard off")):
             for i, r in enumerate(runs):
                 loss = [v if v is not None else float("nan") for v in r["curve"]["loss"]]
-                ax.semilogy(r["curve"]["step"], loss, lw=0.8, ls=style, color=color, alpha=0.8,
-                            label=text if i == 0 else None)
+                top.semilogy(r["curve"]["step"], loss, lw=0.8, ls=style, color=color, alpha=0.8,
+                             label=text if i == 0 else None)
                 if r["stopped"]:
-                    ax.plot(r["steps"], max((v for v in loss if v == v), default=1.0), "x", color=color)
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("step")
-    axes[0].set_ylabel("training loss (log)")
-    axes[0].legend(fontsize=7)
-    fig.suptitle("The guard at work: every seed, fault steps shaded, x where a run stopped", fontsize=10)
+                    top.plot(r["steps"], max((v for v in loss if v == v), default=1.0), "x", color=color)
+                bottom.plot(range(1, len(r["val_acc"]) + 1), r["val_acc"], lw=0.8, ls=style, color=color, alpha=0.8,
+                            marker=".", ms=3)
+        top.set_title(label, fontsize=9)
+        top.set_xlabel("step")
+        bottom.set_xlabel("epoch")
+    axes[0][0].set_ylabel("training loss (log)")
+    axes[1][0].set_ylabel("validation accuracy")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("The guard at work: every seed, the fault shaded, x where a run stopped", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
