@@ -583,7 +583,7 @@ def render(results: dict) -> str:
         "",
     ]
     if results.get("model"):
-        lines += [f"**{model_text(results['model'])}**, the quick-start network: inference is a fraction of a "
+        lines += [f"**{model_text(results['model'])}**, the benchmarks' 64 px model (the quick-start architecture): inference is a fraction of a "
                   "millisecond, so this measures the HTTP path.", ""]
     lines += scenario_lines(results, "")
     if results.get("large"):

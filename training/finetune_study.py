@@ -1,6 +1,6 @@
 """The transfer study: does a pretrained start help on a new task, and how much of the network should train?
 
-`python -m training.finetune_study` pre-trains alexnet_bn (the quick start's recipe) on five
+`python -m training.finetune_study` pre-trains alexnet_bn (the quick start's recipe at 64 px, without EMA) on five
 classes of the built-in shapes data set, then trains on a *different* task: the other five
 classes, drawn with another generator seed, with a tenth of the training images. Three ways,
 everything else equal (data order, steps, optimizer, learning rate):
@@ -211,7 +211,7 @@ def render(results: dict | None, machine: str) -> str:
         seeds = ", ".join(map(str, c["seeds"]))
         lines += [
             "## Does it help? A transfer run on the CPU", "",
-            f"`alexnet_bn` at width {c['width']}, {c['image_size']} px (the quick start's recipe: AdamW, learning "
+            f"`alexnet_bn` at width {c['width']}, {c['image_size']} px (the quick start's optimiser: AdamW, learning "
             f"rate {c['lr']}, no dropout), pre-trained for {c['pretrain_epochs']} epochs on "
             f"{len(c['pretrain_classes'])} classes of the shapes data set ({', '.join(c['pretrain_classes'])}; "
             f"{c['pretrain_per_class']} training images each, generator seed {c['pretrain_seed']}): test accuracy "
