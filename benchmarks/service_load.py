@@ -583,8 +583,8 @@ def render(results: dict) -> str:
         "",
     ]
     if results.get("model"):
-        lines += [f"**{model_text(results['model'])}**, the benchmarks' 64 px model (the quick-start architecture): inference is a fraction of a "
-                  "millisecond, so this measures the HTTP path.", ""]
+        lines += [f"**{model_text(results['model'])}**, the benchmarks' 64 px model (the quick-start architecture): "
+                  "inference is a fraction of a millisecond, so this measures the HTTP path.", ""]
     lines += scenario_lines(results, "")
     if results.get("large"):
         lines += [f"**{model_text(results['large']['model'])}**: a full-size network (one epoch on a few "
