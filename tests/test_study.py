@@ -84,6 +84,10 @@ def test_the_quick_study_runs_everything_and_the_guard_catches_its_fault(tmp_pat
         assert list(study["remedies"][arch]) and set(study["remedies"][arch]) == set(REMEDIES)
         assert all([r["seed"] for r in runs] == seeds for runs in study["remedies"][arch].values())
     assert len(study["causes"]) == len(QUICK.causes.settings())
+    # AlexNet's bare set-up and single remedies again, at the rate the recipe set-up was chosen at
+    assert set(study["recipe_rate"]) == set(QUICK.recipe_rate_setups)
+    assert all([r["seed"] for r in runs] == seeds and all(r["lr"] == study["selection"]["fault_lr"]["chosen"]
+               for r in runs) for runs in study["recipe_rate"].values())
     # the fault the guard must catch: a corrupt batch (pixel values x1e4) half-way, on the same seeds with the
     # guard on and off: skipped with it (its inputs are beyond what the preprocessing produces), trained on without
     at = study["faults_injected"]["corrupt_batch"][0]["step"]
@@ -104,10 +108,11 @@ def test_the_quick_study_runs_everything_and_the_guard_catches_its_fault(tmp_pat
                     "## 4. The tools measured", "## What the recipes take from this"):
         assert heading in page
     assert "**Table 2a. AlexNet**" in page and "**Table 2b. Inception-v1**" in page
+    assert "**Table 2c. AlexNet at the recipe's rate**" in page and "**At AlexNet's recipe rate**" in page
     assert all(f"| {label} | on |" in page and f"| {label} | off |" in page for label in FAULT_LABELS.values())
     assert "These results come from `--quick`" in page
     for name in ("causes_init_scale", "causes_activation", "causes_depth", "causes_lr", "remedies_alexnet",
-                 "remedies_inception_v1", "faults"):
+                 "remedies_inception_v1", "remedies_alexnet_recipe_rate", "faults"):
         assert (out / "stability" / f"{name}.png").stat().st_size > 0, name
     # the page is a function of the results file: --render rebuilds it exactly
     (out / "stability.md").unlink()

@@ -6,7 +6,8 @@ selection runs are kept in the results), the test split evaluated once per repor
   1. causes      a plain deep CNN with one factor varied at a time: initialisation scale,
                  activation, depth, learning rate (causes.py)
   2. remedies    AlexNet and Inception-v1 at a learning rate where the bare network diverges:
-                 none, warmup, BN, clipping by global norm, AGC, BN + clipping, BN + clipping + guard
+                 none, warmup, BN, clipping by global norm, AGC, BN + clipping, BN + clipping + guard;
+                 and AlexNet's bare network and single remedies at the recipe's rate
   3. faults      the recipe's set-up with a fault injected late (a corrupt batch, a learning-rate
                  spike, a learning-rate blunder, mislabelled batches), guard on and off on the same
                  seeds (faults.py)

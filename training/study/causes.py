@@ -40,7 +40,7 @@ class CausesConfig:
     # Long enough to see each setting blow up or not, not to train it: the table shows the training
     # loss at the end against chance level, ln 10 = 2.30, to tell learning from stuck.
     batch_size: int = 32
-    steps: int = 600
+    steps: int = 500
     depth: int = 8  # the base setting ...
     activation: str = "relu"
     init_scale: float = 1.0  # times He et al.'s std, sqrt(2 / fan_in)

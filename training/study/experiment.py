@@ -6,6 +6,7 @@
   remedies        per architecture, every set-up at the chosen rate, `seeds` seeds each
   fault selection the recipe's set-up at a few learning rates, by validation accuracy
   faults          that set-up clean and with each fault, guard on and off, `seeds` seeds each
+  recipe rate     AlexNet's bare set-up and single remedies again, at the rate the fault selection chose
 
 Selection runs train on a copy of the data without its test split and use their own seeds, so the
 test split is evaluated once per reported run and chose nothing.
@@ -44,7 +45,8 @@ def make_data_sets(config: StudyConfig, work: Path) -> tuple[Path, Path]:
 
 def run_study(config: StudyConfig, work: Path, jobs: int, keep: bool = False) -> dict:
     data, selection_data = make_data_sets(config, work)
-    results: dict = {"causes": {}, "selection": {"lr": {}, "agc": {}, "fault_lr": {}}, "remedies": {}, "faults": {}}
+    results: dict = {"causes": {}, "selection": {"lr": {}, "agc": {}, "fault_lr": {}}, "remedies": {}, "faults": {},
+                     "recipe_rate": {}}
     scheduler = Scheduler(jobs)
     runs = work / "runs"
 
@@ -118,6 +120,11 @@ def run_study(config: StudyConfig, work: Path, jobs: int, keep: bool = False) ->
     fault_selection = results["selection"]["fault_lr"] = {"runs": {}}
 
     def faults(lr: float) -> None:
+        for setup in config.recipe_rate_setups:
+            for seed in range(config.seeds):
+                training(REPORT, f"alexnet {setup} at the recipe rate seed {seed}",
+                         runs / "recipe-rate" / setup / f"s{seed}", results["recipe_rate"].setdefault(setup, []).append,
+                         arch="alexnet", data=data, lr=lr, seed=seed, **REMEDIES[setup][1])
         clean = results["faults"]["clean"] = []
         for seed in range(config.seeds):
             training(REPORT, f"faults clean seed {seed}", runs / "faults" / "clean" / f"s{seed}", clean.append,

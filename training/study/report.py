@@ -156,6 +156,7 @@ def all_runs(study: dict):
                 yield from walk(value)
 
     yield from walk(study["remedies"])
+    yield from walk(study.get("recipe_rate", {}))
     yield from walk(study["faults"])
     for part in ("lr", "agc"):
         for record in study["selection"][part].values():
@@ -164,7 +165,11 @@ def all_runs(study: dict):
 
 
 def rows(study: dict, arch: str) -> dict[str, dict]:
-    runs = study["remedies"].get(arch, {})
+    return summarize_setups(study["remedies"].get(arch, {}))
+
+
+def summarize_setups(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Set-up name -> its table row, in REMEDIES' order."""
     return {setup: summarize(runs[setup]) for setup in REMEDIES if setup in runs}
 
 
@@ -258,7 +263,19 @@ def remedy_conclusions(study: dict) -> list[str]:
         + f" (chosen on validation): {per_arch('agc', clipped)}.",
         f"**BN + clipping**: {per_arch('bn_clip', clipped)}.",
         f"**BN + clipping + guard**: {per_arch('bn_clip_guard', guard)}.",
+        *recipe_rate_conclusion(study),
     ]
+
+
+def recipe_rate_conclusion(study: dict) -> list[str]:
+    if not study.get("recipe_rate"):
+        return []
+    table = summarize_setups(study["recipe_rate"])
+    parts = ", ".join(f"{REMEDIES[setup][0]} {acc_text(row['acc'])}"
+                      + (f" ({share(row['diverged'], row['n'])} diverged)" if row["diverged"] else "")
+                      for setup, row in table.items())
+    return [f"**At AlexNet's recipe rate** ({study['selection']['fault_lr']['chosen']}, chosen on validation), test "
+            f"accuracy: {parts} (table 2c)."]
 
 
 def fault_verdict(on: dict, off: dict) -> str:
@@ -454,19 +471,33 @@ def remedies_section(study: dict) -> list[str]:
         if not table:
             continue
         lines += [f"**Table {TABLE[arch]}. {ARCHS[arch]}**, learning rate {study['selection']['lr'][arch]['chosen']}",
-                  "", "| set-up | diverged | stopped | test accuracy | at chance | clip rate | relative update "
-                  "| max grad norm | skipped | rollbacks |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for setup, row in table.items():
-            clips = REMEDIES[setup][1].get("clip") and row["clip_rate"] is not None
-            finished = row["n"] - row["stopped"]
-            lines.append(f"| {REMEDIES[setup][0]} | {diverged_text(row)} | {stopped_text(row)} | "
-                         f"{acc_text(row['acc'])} | "
-                         f"{share(row['at_chance'], finished) if finished else '—'} | "
-                         f"{pct(row['clip_rate']) if clips else '—'} | {num(row['update'])} | {num(row['grad_max'])} | "
-                         f"{row['skipped']} | {row['rollbacks']} |")
-        lines += ["", f"![{ARCHS[arch]}: every seed's loss per set-up, and test accuracy per seed]"
+                  "", *remedy_table(table),
+                  "", f"![{ARCHS[arch]}: every seed's loss per set-up, and test accuracy per seed]"
                   f"(stability/remedies_{arch}.png)", ""]
+    if study.get("recipe_rate"):
+        lr = study["selection"]["fault_lr"]["chosen"]
+        lines += [f"**Table 2c. AlexNet at the recipe's rate**, learning rate {lr}: the rate at which the recipe's "
+                  "set-up (BN, clipping, warmup, guard) reached its best validation accuracy (selection in part 3), "
+                  "for the bare network and each single remedy. Where little diverges, this is what each remedy "
+                  "does for learning rather than for stability.", "",
+                  *remedy_table(summarize_setups(study["recipe_rate"])), "",
+                  "![AlexNet at the recipe's rate: every seed's loss per set-up, and test accuracy per seed]"
+                  "(stability/remedies_alexnet_recipe_rate.png)", ""]
     lines += lead_layer_lines(study)
+    return lines
+
+
+def remedy_table(table: dict[str, dict]) -> list[str]:
+    lines = ["| set-up | diverged | stopped | test accuracy | at chance | clip rate | relative update "
+             "| max grad norm | skipped | rollbacks |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for setup, row in table.items():
+        clips = REMEDIES[setup][1].get("clip") and row["clip_rate"] is not None
+        finished = row["n"] - row["stopped"]
+        lines.append(f"| {REMEDIES[setup][0]} | {diverged_text(row)} | {stopped_text(row)} | "
+                     f"{acc_text(row['acc'])} | "
+                     f"{share(row['at_chance'], finished) if finished else '—'} | "
+                     f"{pct(row['clip_rate']) if clips else '—'} | {num(row['update'])} | {num(row['grad_max'])} | "
+                     f"{row['skipped']} | {row['rollbacks']} |")
     return lines
 
 
@@ -622,7 +653,14 @@ def write_figures(study: dict, folder: Path) -> None:
         causes_figure(study, factor, folder / f"causes_{factor}.png")
     for arch in ARCHS:
         if arch in study["remedies"]:
-            remedies_figure(study, arch, folder / f"remedies_{arch}.png")
+            remedies_figure({setup: study["remedies"][arch][setup] for setup in REMEDIES
+                             if setup in study["remedies"][arch]},
+                            f"{ARCHS[arch]} at learning rate {study['selection']['lr'][arch]['chosen']}",
+                            folder / f"remedies_{arch}.png")
+    if study.get("recipe_rate"):
+        remedies_figure({setup: study["recipe_rate"][setup] for setup in REMEDIES if setup in study["recipe_rate"]},
+                        f"AlexNet at the recipe's rate, {study['selection']['fault_lr']['chosen']}",
+                        folder / "remedies_alexnet_recipe_rate.png")
     if "clean" in study["faults"]:
         faults_figure(study, folder / "faults.png")
 
@@ -671,12 +709,14 @@ def causes_figure(study: dict, factor: str, path: Path) -> None:
     plt.close(fig)
 
 
-def remedies_figure(study: dict, arch: str, path: Path) -> None:
+def remedies_figure(setups: dict[str, list[dict]], title: str, path: Path) -> None:
+    """One panel per set-up (every seed's training loss), and the test accuracy per seed (last panel)."""
     import matplotlib.pyplot as plt
 
-    setups = {setup: study["remedies"][arch][setup] for setup in REMEDIES if setup in study["remedies"][arch]}
     fig, axes = plt.subplots(2, 4, figsize=(13, 5.6), sharex=True, sharey=True)
     panels = list(axes.flat)
+    for ax in panels[len(setups):-1]:
+        ax.set_visible(False)
     for ax, (setup, runs) in zip(panels, setups.items()):
         for r in runs:
             steps = r["curve"]["step"]
@@ -702,8 +742,8 @@ def remedies_figure(study: dict, arch: str, path: Path) -> None:
         ax.set_ylabel("training loss (log)")
     for ax in axes[1, :3]:
         ax.set_xlabel("step")
-    fig.suptitle(f"{ARCHS[arch]} at learning rate {study['selection']['lr'][arch]['chosen']}: each line a seed, "
-                 "x where it stopped (non-finite), dotted where the guard rolled back", fontsize=10)
+    fig.suptitle(f"{title}: each line a seed, x where it stopped (non-finite), dotted where the guard rolled back",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
