@@ -356,14 +356,17 @@ class Trainer:
         precision.unscale(optimizer)  # true gradients from here on: what is measured and clipped is real
         layers = layer_norms(self.module) if self.steps_log.wants_layers(step) else {}
         norm, clipped = clip_gradients_(self.module, config.clip, config.clip_threshold, self.num_classes)
-        peak = images.detach().abs().amax().float()  # NaN when any value is
-        values = torch.stack([loss.detach().float(), norm, clipped.float(), peak])
+        measured = [loss.detach().float(), norm, clipped.float()]
+        if self.guard:  # the largest |input| (NaN when any value is): the bare loop does not pay for it
+            measured.append(images.detach().abs().amax().float())
+        values = torch.stack(measured)
         if self.world > 1:
             # Gradients are already averaged (identical in every process); the loss is averaged here so
             # that every process takes the same guard, rollback and snapshot decisions.
             torch.distributed.all_reduce(values)
             values /= self.world
-        loss_value, grad_norm, was_clipped, input_peak = values.tolist()  # the step's one host sync
+        loss_value, grad_norm, was_clipped, *peak = values.tolist()  # the step's one host sync
+        input_peak = peak[0] if peak else 0.0
         was_clipped = was_clipped > 0.5
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         # Corrupt inputs: the guard skips the step like a non-finite one (it leaves no trace, BN statistics
