@@ -66,12 +66,17 @@ def run_study(config: StudyConfig, work: Path, jobs: int, keep: bool = False) ->
     selection_seeds = [SELECTION_SEED + i for i in range(config.selection_seeds)]
     probe_seeds = [SELECTION_SEED + i for i in range(config.seeds)]
 
-    def remedies(arch: str, setups: list[str], lr: float, agc: float | None = None) -> None:
+    def remedies(arch: str, setups: list[str], lr: float, agc: float | None = None, into: dict | None = None,
+                 folder: Path | None = None) -> None:
+        """Every set-up in `setups` from every reported seed; results into `into` (default: the remedies
+        of `arch`), run directories under `folder`."""
+        into = results["remedies"].setdefault(arch, {}) if into is None else into
+        folder = folder or runs / "remedies" / arch
         for setup in setups:
             for seed in range(config.seeds):
-                training(REPORT, f"{arch} {setup} seed {seed}", runs / "remedies" / arch / setup / f"s{seed}",
-                         results["remedies"].setdefault(arch, {}).setdefault(setup, []).append, arch=arch,
-                         data=data, lr=lr, seed=seed, clip_threshold=agc, **REMEDIES[setup][1])
+                training(REPORT, f"{arch} {setup} seed {seed} at lr {lr}", folder / setup / f"s{seed}",
+                         into.setdefault(setup, []).append, arch=arch, data=data, lr=lr, seed=seed,
+                         clip_threshold=agc, **REMEDIES[setup][1])
 
     def select_agc(arch: str, lr: float) -> None:
         record = results["selection"]["agc"][arch] = {"lr": lr, "runs": {}}
@@ -120,11 +125,8 @@ def run_study(config: StudyConfig, work: Path, jobs: int, keep: bool = False) ->
     fault_selection = results["selection"]["fault_lr"] = {"runs": {}}
 
     def faults(lr: float) -> None:
-        for setup in config.recipe_rate_setups:
-            for seed in range(config.seeds):
-                training(REPORT, f"alexnet {setup} at the recipe rate seed {seed}",
-                         runs / "recipe-rate" / setup / f"s{seed}", results["recipe_rate"].setdefault(setup, []).append,
-                         arch="alexnet", data=data, lr=lr, seed=seed, **REMEDIES[setup][1])
+        remedies("alexnet", list(config.recipe_rate_setups), lr, into=results["recipe_rate"],
+                 folder=runs / "recipe-rate")
         clean = results["faults"]["clean"] = []
         for seed in range(config.seeds):
             training(REPORT, f"faults clean seed {seed}", runs / "faults" / "clean" / f"s{seed}", clean.append,
