@@ -34,10 +34,11 @@ def submit_files(url: str, files: list[tuple[str, bytes]], **fields: str) -> str
 def result(url: str, task_id: str, timeout: float = 60) -> tuple[str, int, dict]:
     """Poll /batch/status until the task ends; then its status and /batch/get's answer.
 
-    /batch/get can still say "not completed yet" for a moment after /batch/status said it ended: the
-    two requests may reach different workers, and BentoML's SQLite result store (one connection per
-    worker) can answer from a read that began before the task's result was written. A client polls
-    /batch/get as it polls the status, and so does this (seen once in about ten suite runs)."""
+    Once (in about ten suite runs) /batch/get said "not completed yet" right after /batch/status said
+    the task had ended; the two requests can reach different workers, each with its own connection to
+    BentoML's SQLite result store. The cause is not established: 1,500 tries against that store alone
+    (one process, and three) never saw a stale read. A client polls /batch/get as it polls the status,
+    and so does this."""
     deadline = time.monotonic() + timeout
     while True:
         status, answer = request(f"{url}/batch/status?task_id={task_id}")

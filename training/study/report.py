@@ -443,7 +443,8 @@ def remedies_section(study: dict) -> list[str]:
         f"rate is chosen per architecture: the bare set-up (no BN, no warmup, no clipping, no guard) trained for "
         f"{c['probe_epochs']} epoch (its cosine decay compressed into it) from {c['seeds']} selection seeds at each "
         f"rate of the grid ({', '.join(map(str, c['lr_grid']))}), from the lowest up; the study uses the first "
-        f"rate at which at least {c['probe_share']:.0%} of them diverged. AGC's clip "
+        f"rate at which at least {c['probe_share']:.0%} of them diverged (one seed more than half: probes from "
+        "other seeds only estimate the share of the reported runs that will diverge). AGC's clip "
         f"factor is then chosen among {', '.join(map(str, c['agc_grid']))} by the mean final validation accuracy of "
         f"{c['selection_seeds']} selection seeds at that rate.", "",
         "| architecture | bare set-up's loss at step 1 (median) | bare set-up diverged, selection seeds, by learning "
