@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a full-size exported model to compare on too")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--run-seconds", type=float, default=5.0)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 64], help="load levels (concurrent clients)")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 1 s: a smoke check, not for comparison")
     parser.add_argument("--out", type=Path, default=Path("build/service-ab"), help="results folder")
     args = parser.parse_args(argv)
@@ -142,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         scenarios = []
         for model in models:
             print(f"service_ab: {model}, base {base[:12]} against the working tree", file=sys.stderr)
-            scenarios.append(compare(str(Path(model).resolve()), (1, 64), rounds, seconds, base_tree, bodies, logs))
+            scenarios.append(compare(str(Path(model).resolve()), tuple(args.clients), rounds, seconds, base_tree,
+                                     bodies, logs))
     results = {"base": base, "new": working_tree(), "quick": args.quick,
-               "config": {"rounds": rounds, "run_seconds": seconds, "concurrency": [1, 64]}, "scenarios": scenarios}
+               "config": {"rounds": rounds, "run_seconds": seconds, "concurrency": args.clients},
+               "scenarios": scenarios}
     path = write_results(args.out, NAME, results)
     (args.out / f"{NAME}.md").write_text(render(json.loads(path.read_text())) + "\n")
     print(f"wrote {path} and {args.out / (NAME + '.md')}", file=sys.stderr)
