@@ -407,8 +407,8 @@ class Trainer:
             record.update(bad_inputs=input_peak if math.isfinite(input_peak) else None)
         self.steps_log.write(**record, **layers,
                              **({"rollback": diverging} if diverging else {}))
-        # Non-finite guard: a NaN/inf loss or gradient would poison the weights and the momentum
-        # buffers for good, so that step is skipped and counted instead.
+        # The guard: a NaN/inf loss or gradient would poison the weights and the momentum buffers for
+        # good, and corrupt inputs BN's running statistics, so that step is skipped and counted instead.
         if skip:
             self.skipped += 1
             self.overflows += overflow

@@ -170,7 +170,11 @@ def rows(study: dict, arch: str) -> dict[str, dict]:
 
 def summarize_setups(runs: dict[str, list[dict]]) -> dict[str, dict]:
     """Set-up name -> its table row, in REMEDIES' order."""
-    return {setup: summarize(runs[setup]) for setup in REMEDIES if setup in runs}
+    return {setup: summarize(setup_runs) for setup, setup_runs in in_remedy_order(runs).items()}
+
+
+def in_remedy_order(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    return {setup: runs[setup] for setup in REMEDIES if setup in runs}
 
 
 def fault_rows(study: dict) -> dict[str, dict]:
@@ -654,12 +658,11 @@ def write_figures(study: dict, folder: Path) -> None:
         causes_figure(study, factor, folder / f"causes_{factor}.png")
     for arch in ARCHS:
         if arch in study["remedies"]:
-            remedies_figure({setup: study["remedies"][arch][setup] for setup in REMEDIES
-                             if setup in study["remedies"][arch]},
+            remedies_figure(in_remedy_order(study["remedies"][arch]),
                             f"{ARCHS[arch]} at learning rate {study['selection']['lr'][arch]['chosen']}",
                             folder / f"remedies_{arch}.png")
     if study.get("recipe_rate"):
-        remedies_figure({setup: study["recipe_rate"][setup] for setup in REMEDIES if setup in study["recipe_rate"]},
+        remedies_figure(in_remedy_order(study["recipe_rate"]),
                         f"AlexNet at the recipe's rate, {study['selection']['fault_lr']['chosen']}",
                         folder / "remedies_alexnet_recipe_rate.png")
     if "clean" in study["faults"]:
